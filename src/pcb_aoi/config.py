@@ -1,0 +1,229 @@
+"""Typed, closed configuration: one frozen dataclass per ``params.yaml`` section.
+
+The loader rejects unknown keys, wrong types and values outside their allowed set with a
+message that names the full key (``train.lr``), so a typo stops a stage before it does any work
+instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CLASSES: tuple[str, ...] = ("open", "short", "mousebite", "spur", "copper", "pin-hole")
+
+
+class ConfigError(ValueError):
+    """A params.yaml key is unknown, missing, mistyped or out of range."""
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    boards: int = 40  # distinct layouts; split groups by board
+    images_per_board: int = 10  # crops of the same board, each with its own defects
+    image_size: int = 256  # square images, pixels
+    defects_per_image: tuple[int, int] = (2, 6)  # inclusive range
+    class_mix: dict[str, float] = field(default_factory=lambda: {c: 1.0 for c in CLASSES})
+    max_shift_px: float = 1.5  # template misalignment, uniform in [-max, max] per axis
+    noise_std: float = 6.0  # grey-level noise (0..255 scale)
+    jpeg_quality: tuple[int, int] = (75, 95)  # inclusive range
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    source: Literal["synthetic"] = "synthetic"
+    uri: str = ""  # where real data lives (folder, https archive, azure://); unused for synthetic
+    synthetic: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass(frozen=True)
+class EtlConfig:
+    min_box_px: float = 2.0  # boxes narrower or shorter than this are rejected as degenerate
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    copies: int = 1  # augmented copies per training image, on top of the original
+    hflip_p: float = 0.5
+    vflip_p: float = 0.5
+    rot90_p: float = 0.5
+    brightness_contrast_p: float = 0.5
+    noise_p: float = 0.3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    use_template: bool = True  # False: single-image mode for data without a template
+    width: int = 32  # channels of the first stage; later stages scale from it
+    stride: int = 4  # output stride of the detection heads
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    crop_size: int = 160  # random training crops (fully convolutional model); 0 = full image
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    score_threshold: float = 0.3  # operating point for recall and the confusion matrix
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 17
+    parity_images: int = 8
+    parity_atol: float = 1e-3  # max |torch - onnxruntime| on raw outputs
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    warmup: int = 5
+    runs: int = 50
+    batch_size: int = 8  # for the throughput measurement
+    threads: int = 0  # 0 = all cores
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    classes: tuple[str, ...] = CLASSES
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    etl: EtlConfig = field(default_factory=EtlConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in the dataclass' own types."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unions are not supported in config ({key})")
+    # bool is a subclass of int: refuse True where a number is expected, and vice versa.
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key(s) {', '.join(where + str(k) for k in unknown)}; "
+            f"allowed under {prefix or 'the top level'}: {', '.join(names)}"
+        )
+    kwargs = {
+        name: _convert(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
+        for name in names
+        if name in raw
+    }
+    return cls(**kwargs)
+
+
+def _validate(p: Params) -> None:
+    """Cross-field rules that types alone cannot express."""
+    unknown = sorted(set(p.ingest.synthetic.class_mix) - set(p.classes))
+    if unknown:
+        raise ConfigError(f"ingest.synthetic.class_mix: unknown class(es) {unknown}; known: {list(p.classes)}")
+    lo, hi = p.ingest.synthetic.defects_per_image
+    if not 0 <= lo <= hi:
+        raise ConfigError(f"ingest.synthetic.defects_per_image: need 0 <= min <= max, got {[lo, hi]}")
+    if not 0 < p.split.val_fraction + p.split.test_fraction < 1:
+        raise ConfigError("split.val_fraction + split.test_fraction must be between 0 and 1")
+    if p.train.model.stride not in (4, 8):
+        raise ConfigError(f"train.model.stride: {p.train.model.stride} is not allowed; expected 4 or 8")
+    for key, v in {"train.crop_size": p.train.crop_size}.items():
+        if v % 32:
+            raise ConfigError(f"{key}: {v} must be a multiple of 32 (0 = full image)")
+    positive = {
+        "ingest.synthetic.boards": p.ingest.synthetic.boards,
+        "ingest.synthetic.images_per_board": p.ingest.synthetic.images_per_board,
+        "train.epochs": p.train.epochs,
+        "train.batch_size": p.train.batch_size,
+        "train.lr": p.train.lr,
+        "benchmark.runs": p.benchmark.runs,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {v}")
+    if p.ingest.synthetic.image_size % 32:
+        raise ConfigError("ingest.synthetic.image_size must be a multiple of 32")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; raise ConfigError naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the project root)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    params = _build(Params, raw, "")
+    _validate(params)
+    return params
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-python (yaml/json friendly) view of a config dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,96 @@
+"""Pre- and post-processing shared by training, evaluation, export and benchmarking.
+
+The contract (stored in the checkpoint and, later, in ONNX metadata): grey uint8 images, copper
+dark; input channels ``test/255, template/255, (test - template)/255`` (or ``test/255`` alone
+without a template), padded bottom/right with background (white) to a multiple of 32.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import batched_nms
+
+from .dataset import Dataset, read_grey
+
+PAD_MULTIPLE = 32
+
+
+def prepare_input(test: np.ndarray, template: np.ndarray | None, use_template: bool) -> np.ndarray:
+    """(H, W) uint8 test (and template) -> (C, H', W') float32 model input, H' W' multiples of 32."""
+    t = test.astype(np.float32) / 255.0
+    if use_template:
+        if template is None:
+            raise ValueError("this model is reference-based and needs a template image")
+        r = template.astype(np.float32) / 255.0
+        chans = [t, r, t - r]
+        pad_values = [1.0, 1.0, 0.0]
+    else:
+        chans, pad_values = [t], [1.0]
+    h, w = t.shape
+    ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
+    return np.stack([np.pad(c, ((0, ph), (0, pw)), constant_values=v) for c, v in zip(chans, pad_values)])
+
+
+def load_pair(ds: Dataset, row) -> tuple[np.ndarray, np.ndarray | None]:
+    test = read_grey(ds.root / row.path)
+    template = read_grey(ds.root / row.template_path) if row.template_path else None
+    return test, template
+
+
+@torch.no_grad()
+def decode(heatmap: torch.Tensor, boxes: torch.Tensor, score_threshold: float = 0.01, top_k: int = 100,
+           nms_iou: float = 0.5) -> list[dict[str, torch.Tensor]]:
+    """Model outputs -> per image {boxes (N, 4) xyxy px, scores (N,), labels (N,)}.
+
+    heatmap: (B, K, h, w) logits; boxes: (B, 4, h, w). A detection is a 3x3 local maximum of the
+    class heat; ``batched_nms`` then removes duplicates of the same class from neighbouring peaks.
+    """
+    heat = heatmap.sigmoid()
+    peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
+    b, k, h, w = heat.shape
+    scores, idx = peaks.flatten(1).topk(min(top_k, k * h * w), dim=1)  # (B, top_k)
+    labels, cell = idx // (h * w), idx % (h * w)
+    flat_boxes = boxes.flatten(2).transpose(1, 2)  # (B, h*w, 4)
+    out = []
+    for i in range(b):
+        keep = scores[i] > score_threshold
+        bx = flat_boxes[i, cell[i][keep]]
+        sc, lb = scores[i][keep], labels[i][keep]
+        kept = batched_nms(bx, sc, lb, nms_iou)
+        out.append({"boxes": bx[kept], "scores": sc[kept], "labels": lb[kept]})
+    return out
+
+
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (B, C, H, W) -> (heatmap, boxes)
+
+
+def torch_runner(model: torch.nn.Module) -> Runner:
+    model.eval()
+
+    @torch.no_grad()
+    def run(x: np.ndarray):
+        heat, boxes = model(torch.from_numpy(x))
+        return heat.numpy(), boxes.numpy()
+
+    return run
+
+
+def predict(runner: Runner, ds: Dataset, image_ids: Iterable[str], use_template: bool, batch_size: int = 8,
+            score_threshold: float = 0.01) -> dict[str, dict[str, np.ndarray]]:
+    """Run ``runner`` over images of ``ds``; boxes are clipped to each image. Same-size batches only."""
+    rows = ds.images.set_index("image_id").loc[list(image_ids)].reset_index()
+    results = {}
+    for start in range(0, len(rows), batch_size):
+        chunk = list(rows.iloc[start:start + batch_size].itertuples(index=False))
+        x = np.stack([prepare_input(*load_pair(ds, r), use_template) for r in chunk])
+        heat, boxes = runner(x)
+        for r, det in zip(chunk, decode(torch.from_numpy(heat), torch.from_numpy(boxes), score_threshold)):
+            bx = det["boxes"].numpy().copy()
+            bx[:, 0::2] = bx[:, 0::2].clip(0, r.width)
+            bx[:, 1::2] = bx[:, 1::2].clip(0, r.height)
+            results[r.image_id] = {"boxes": bx, "scores": det["scores"].numpy(), "labels": det["labels"].numpy()}
+    return results
