@@ -29,7 +29,7 @@ class SynthConfig:
     image_size: int = 256  # square images, pixels
     defects_per_image: tuple[int, int] = (2, 6)  # inclusive range
     class_mix: dict[str, float] = field(default_factory=lambda: {c: 1.0 for c in CLASSES})
-    max_shift_px: float = 1.5  # template misalignment, uniform in [-max, max] per axis
+    max_shift_px: float = 1.0  # template misalignment, uniform in [-max, max] per axis
     noise_std: float = 6.0  # grey-level noise (0..255 scale)
     jpeg_quality: tuple[int, int] = (75, 95)  # inclusive range
 

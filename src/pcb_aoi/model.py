@@ -51,7 +51,7 @@ class Detector(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        self.c2 = nn.Sequential(conv_bn(cfg.in_channels, w, 2), conv_bn(w, w))  # /2
+        self.c2 = conv_bn(cfg.in_channels, w, 2)  # /2
         self.c4 = nn.Sequential(conv_bn(w, 2 * w, 2), Residual(2 * w))  # /4
         self.c8 = nn.Sequential(conv_bn(2 * w, 3 * w, 2), Residual(3 * w))  # /8
         # /16 with a dilated block: defect classes differ by context (is the other side copper?).

@@ -146,22 +146,22 @@ class _Injector:
         if (e := self._edge_point()) is None:
             return None
         s, p, d, n = e
-        gap = self.rng.uniform(2.5, max(3.0, s.width * 0.9))
+        gap = self.rng.uniform(3.0, max(4.0, s.width * 1.2))
         a, b = p - n * (s.width + 2), p + n * (s.width + 2)
         band = _mask(self.shape, lambda dr: dr.line([tuple(a), tuple(b)], fill=255, width=round(gap)))
         return band & (self.nets == s.net)
 
     def mousebite(self):
-        if (e := self._edge_point()) is None or e[0].width < 4:
+        if (e := self._edge_point()) is None or e[0].width < 5:
             return None
         s, p, d, n = e
         edge = p + n * s.width / 2
-        r = self.rng.uniform(0.3, 0.5) * s.width
-        k = int(self.rng.integers(1, 4))
+        r = max(2.0, self.rng.uniform(0.4, 0.6) * s.width)
+        k = int(self.rng.integers(2, 5))
 
         def fn(dr):
             for i in range(k):
-                _disc(dr, edge + d * (i - (k - 1) / 2) * r * 1.6, r)
+                _disc(dr, edge + d * (i - (k - 1) / 2) * r * 1.4, r)
 
         return _mask(self.shape, fn) & (self.nets == s.net)
 
@@ -174,8 +174,8 @@ class _Injector:
             return None
         s, p, d, n = e
         edge = p + n * (s.width / 2 - 1)
-        base = self.rng.uniform(2, 5)
-        tip = edge + n * self.rng.uniform(4, 11) + d * self.rng.uniform(-3, 3)
+        base = self.rng.uniform(3, 6)
+        tip = edge + n * self.rng.uniform(5, 12) + d * self.rng.uniform(-3, 3)
         poly = [tuple(edge - d * base / 2), tuple(edge + d * base / 2), tuple(tip)]
         m = _mask(self.shape, lambda dr: dr.polygon(poly, fill=255)) & ~self.copper
         return m if self._clear_of_other_nets(m, s.net, 3) else None
@@ -200,7 +200,7 @@ class _Injector:
 
     def copper_blob(self):
         dist = ndimage.distance_transform_edt(~self.copper)
-        r = self.rng.uniform(2.5, 7)
+        r = self.rng.uniform(3, 8)
         ys, xs = np.nonzero(dist[10:-10, 10:-10] > r + 4)
         if len(xs) == 0:
             return None
@@ -213,7 +213,7 @@ class _Injector:
 
     def pin_hole(self):
         dist = ndimage.distance_transform_edt(self.copper)
-        r = self.rng.uniform(1.5, 3.5)
+        r = self.rng.uniform(2, 4)
         ys, xs = np.nonzero(dist[8:-8, 8:-8] >= r + 2)
         if len(xs) == 0:
             return None
@@ -230,7 +230,7 @@ class _Injector:
                 continue
             ys, xs = np.nonzero(changed)
             box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-            if min(box[2] - box[0], box[3] - box[1]) < 3:  # a one-pixel sliver is not a defect
+            if min(box[2] - box[0], box[3] - box[1]) < 4:  # a one-pixel sliver is not a defect
                 continue
             self.copper ^= changed
             self.nets = np.where(self.copper, np.where(self.nets == 0, -1, self.nets), 0)  # -1: added copper

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import albumentations as A
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -45,7 +46,9 @@ class PairDataset(torch.utils.data.Dataset):
         self.use_template = use_template
         self.crop = None
         if crop:
-            self.crop = A.Compose([A.RandomCrop(crop, crop, pad_if_needed=True, fill=255)],
+            # Crops that hold at least one defect: most of the signal at a fraction of the compute.
+            self.crop = A.Compose([A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=255),
+                                   A.AtLeastOneBBoxRandomCrop(crop, crop)],
                                   bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"],
                                                            min_visibility=0.5),
                                   additional_targets={"template": "image"}, seed=seed)
@@ -88,7 +91,7 @@ def train_one_epoch(model: Detector, loader, opt, sched) -> dict[str, float]:
         opt.step()
         sched.step()
         for k, v in (("loss", loss), ("heat", l_heat), ("box", l_box)):
-            totals[k] += float(v) / len(loader)
+            totals[k] += v.item() / len(loader)
     return totals
 
 
@@ -130,7 +133,7 @@ def run(cfg: TrainConfig, seed: int, classes: tuple[str, ...], train_dir: str | 
             if val["map50"] > best:
                 best, best_epoch = val["map50"], epoch
                 checkpoint.save(model_out, model, classes, use_template, epoch=epoch, val_map50=best, seed=seed,
-                                torch=torch.__version__, train_images=len(data))
+                                torch=str(torch.__version__), train_images=len(data))
     return {
         "epochs": cfg.epochs,
         "best_epoch": best_epoch,
