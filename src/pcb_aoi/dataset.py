@@ -86,6 +86,16 @@ class Dataset:
         self.images[IMAGE_COLUMNS].to_parquet(root / "images.parquet", index=False)
         self.boxes[BOX_COLUMNS].to_parquet(root / "boxes.parquet", index=False)
 
+    def annotations(self, image_ids, classes: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+        """Ground truth per image: {"boxes": (N, 4) float32 xyxy px, "labels": (N,) int64 class index}."""
+        index = {c: k for k, c in enumerate(classes)}
+        out = {}
+        for image_id in image_ids:
+            b = self.boxes_of(image_id)
+            out[image_id] = {"boxes": b[["x1", "y1", "x2", "y2"]].to_numpy(np.float32).reshape(-1, 4),
+                             "labels": b["class_name"].map(index).to_numpy(np.int64)}
+        return out
+
     def boxes_of(self, image_id: str) -> pd.DataFrame:
         return self._groups.get(image_id, self.boxes.iloc[:0])
 

@@ -27,22 +27,12 @@ from .metrics import coco_metrics
 from .model import Detector, DetectorConfig
 
 
-def ground_truth(ds: Dataset, image_ids, classes: tuple[str, ...]) -> dict:
-    index = {c: k for k, c in enumerate(classes)}
-    out = {}
-    for image_id in image_ids:
-        b = ds.boxes_of(image_id)
-        out[image_id] = {"boxes": b[["x1", "y1", "x2", "y2"]].to_numpy(np.float32).reshape(-1, 4),
-                         "labels": b["class_name"].map(index).to_numpy(np.int64)}
-    return out
-
-
 class PairDataset(torch.utils.data.Dataset):
     """(input (C, H, W), boxes (N, 4), labels (N,)) per image, optionally random-cropped."""
 
     def __init__(self, ds: Dataset, classes: tuple[str, ...], use_template: bool, crop: int, seed: int):
         self.ds, self.rows = ds, list(ds.images.itertuples(index=False))
-        self.gt = ground_truth(ds, [r.image_id for r in self.rows], classes)
+        self.gt = ds.annotations([r.image_id for r in self.rows], classes)
         self.use_template = use_template
         self.crop = None
         if crop:
@@ -112,7 +102,7 @@ def run(cfg: TrainConfig, seed: int, classes: tuple[str, ...], train_dir: str | 
                                          drop_last=len(data) > cfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.15)
-    val_gt = ground_truth(clean, val_ids, classes)
+    val_gt = clean.annotations(val_ids, classes)
     best, best_epoch, epoch_s = -1.0, -1, []
     with atomic_dir(live_dir) as live_tmp, Live(dir=str(live_tmp), dvcyaml=False, save_dvc_exp=False,
                                                  report=None) as live:

@@ -1,0 +1,71 @@
+"""evaluate: score the trained model on the test split (boards never seen in training).
+
+Writes the metrics (COCO mAP, mAP@0.5, mAP@0.33 = DeepPCB's protocol, per-class AP50 and recall
+at the operating threshold, escape rate) and DVC plots: precision-recall curves per class and a
+confusion matrix (``background`` = missed defect / false alarm).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import checkpoint
+from .config import EvaluateConfig
+from .dataset import Dataset, atomic_dir, write_json
+from .inference import Runner, predict, torch_runner
+from .metrics import coco_metrics, operating_point
+
+
+def test_ids(split_dir: str | Path) -> list[str]:
+    table = pd.read_parquet(Path(split_dir) / "split.parquet")
+    ids = table.loc[table["split"] == "test", "image_id"].tolist()
+    if not ids:
+        raise ValueError(f"{split_dir}/split.parquet: the test split is empty")
+    return ids
+
+
+def score(runner: Runner, ds: Dataset, ids: list[str], classes: tuple[str, ...], use_template: bool,
+          score_threshold: float) -> tuple[dict, dict]:
+    """(metrics dict, plot data) for one model on ``ids``."""
+    gt = ds.annotations(ids, classes)
+    preds = predict(runner, ds, ids, use_template)
+    coco = coco_metrics(gt, preds, classes)
+    found, total, confusion = operating_point(gt, preds, len(classes), score_threshold)
+
+    def clean(v: float):  # JSON has no NaN; a class absent from the test split has no AP
+        return None if v is None or np.isnan(v) else round(float(v), 6)
+
+    metrics = {
+        "map": clean(coco["map"]),
+        "map50": clean(coco["map50"]),
+        "map33": clean(coco["map33"]),
+        "escape_rate": clean(1 - found.sum() / total.sum()) if total.sum() else None,
+        "score_threshold": score_threshold,
+        "test_images": len(ids),
+        "per_class": {c: {"ap50": clean(coco["ap50"][c]),
+                          "recall": clean(found[k] / total[k]) if total[k] else None,
+                          "boxes": int(total[k])}
+                      for k, c in enumerate(classes)},
+    }
+    names = list(classes) + ["background"]
+    cells = [{"actual": names[i], "predicted": names[j]}
+             for i in range(len(names)) for j in range(len(names)) for _ in range(confusion[i, j])]
+    return metrics, {"pr": coco["pr"], "confusion": cells}
+
+
+def run(cfg: EvaluateConfig, model_path: str | Path, clean_dir: str | Path, split_dir: str | Path,
+        metrics_out: str | Path, plots_dir: str | Path) -> dict:
+    model, ckpt = checkpoint.load(model_path)
+    classes = tuple(ckpt["classes"])
+    ds = Dataset.load(clean_dir)
+    metrics, plots = score(torch_runner(model), ds, test_ids(split_dir), classes,
+                           ckpt["input_spec"]["use_template"], cfg.score_threshold)
+    with atomic_dir(plots_dir) as tmp:
+        (tmp / "pr").mkdir()
+        for c, rows in plots["pr"].items():
+            pd.DataFrame(rows, columns=["recall", "precision"]).to_csv(tmp / "pr" / f"{c}.csv", index=False)
+        pd.DataFrame(plots["confusion"], columns=["actual", "predicted"]).to_csv(tmp / "confusion.csv", index=False)
+    write_json(metrics_out, metrics)
+    return metrics

@@ -1,0 +1,13 @@
+"""DVC stage `augment`: bbox-safe albumentations on the training split (template transformed with the
+test image); writes originals plus `augment.copies` augmented versions of each."""
+import argparse
+
+from pcb_aoi import augment
+from pcb_aoi.cli import run_stage
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--src", required=True, help="clean dataset folder")
+    ap.add_argument("--split", required=True, help="folder holding split.parquet")
+    ap.add_argument("--out", required=True, help="augmented training dataset folder to write")
+    run_stage(ap, lambda p, a: augment.run(p.augment, p.seed, a.src, a.split, a.out))

@@ -1,0 +1,12 @@
+"""DVC stage `etl`: decode every image to 8-bit grey, check every box (known class, inside the image,
+not degenerate); rejected images are listed with the reason in the report."""
+import argparse
+
+from pcb_aoi import etl
+from pcb_aoi.cli import run_stage
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--src", required=True, help="dataset folder written by ingest")
+    ap.add_argument("--out", required=True, help="clean dataset folder to write")
+    run_stage(ap, lambda p, a: etl.run(p.etl, p.classes, a.src, a.out))

@@ -1,0 +1,15 @@
+"""DVC stage `evaluate`: score the checkpoint on the test split: COCO mAP, mAP@0.5, mAP@0.33 (DeepPCB
+protocol), per-class AP50/recall, escape rate; PR curves and confusion matrix as DVC plots."""
+import argparse
+
+from pcb_aoi import evaluate
+from pcb_aoi.cli import run_stage
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True, help="checkpoint written by train")
+    ap.add_argument("--clean", required=True, help="clean dataset folder")
+    ap.add_argument("--split", required=True, help="folder holding split.parquet")
+    ap.add_argument("--metrics", required=True, help="metrics JSON to write")
+    ap.add_argument("--plots", required=True, help="folder for PR-curve and confusion-matrix data")
+    run_stage(ap, lambda p, a: evaluate.run(p.evaluate, a.model, a.clean, a.split, a.metrics, a.plots))

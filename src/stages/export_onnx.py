@@ -1,0 +1,15 @@
+"""DVC stage `export_onnx`: export the checkpoint to ONNX (dynamic batch), run onnx.checker, and fail
+unless ONNX Runtime matches PyTorch on held-out test images within `export.parity_atol`."""
+import argparse
+
+from pcb_aoi import export
+from pcb_aoi.cli import run_stage
+from pcb_aoi.evaluate import test_ids
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True, help="checkpoint written by train")
+    ap.add_argument("--clean", required=True, help="clean dataset folder")
+    ap.add_argument("--split", required=True, help="folder holding split.parquet (parity uses test images)")
+    ap.add_argument("--out", required=True, help="ONNX file to write")
+    run_stage(ap, lambda p, a: export.run(p.export, a.model, a.clean, test_ids(a.split), a.out))

@@ -1,0 +1,11 @@
+"""DVC stage `ingest`: bring the configured source (params `ingest.*`) into a canonical dataset folder:
+image files plus images.parquet / boxes.parquet manifests."""
+import argparse
+
+from pcb_aoi import ingest
+from pcb_aoi.cli import run_stage
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", required=True, help="dataset folder to write, e.g. data/raw")
+    run_stage(ap, lambda p, a: ingest.run(p.ingest, p.seed, p.classes, a.out))

@@ -1,0 +1,11 @@
+"""DVC stage `split`: train/val/test by board (no board in two splits), stratified by defect class."""
+import argparse
+
+from pcb_aoi import split
+from pcb_aoi.cli import run_stage
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--src", required=True, help="clean dataset folder")
+    ap.add_argument("--out", required=True, help="folder for split.parquet (image_id, board_id, split)")
+    run_stage(ap, lambda p, a: split.run(p.split, p.seed, p.classes, a.src, a.out))
