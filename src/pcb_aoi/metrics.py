@@ -96,7 +96,7 @@ def operating_point(gt: Annotations, pred: Annotations, n_classes: int, score_th
         pb, pl, ps = p["boxes"][keep], p["labels"][keep], p["scores"][keep]
         gl = np.asarray(g["labels"], int)
         np.add.at(total, gl, 1)
-        ious = box_iou(torch.as_tensor(pb, dtype=torch.float32), torch.as_tensor(g["boxes"], dtype=torch.float32)).numpy()
+        ious = box_iou(torch.tensor(pb, dtype=torch.float32), torch.tensor(g["boxes"], dtype=torch.float32)).numpy()
         matched = np.zeros(len(gl), bool)
         for i in np.argsort(-ps, kind="stable"):
             cand = np.where(matched, -1.0, ious[i]) if len(gl) else np.zeros(0)

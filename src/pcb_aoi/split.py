@@ -5,11 +5,12 @@ most frequent defect class, the closest single label to "class mix" that it acce
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from .config import SplitConfig
 from .dataset import Dataset, atomic_dir, per_class_counts
@@ -17,12 +18,13 @@ from .dataset import Dataset, atomic_dir, per_class_counts
 
 def _carve(ids: np.ndarray, y: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of ~``fraction`` of the items, whole groups only."""
-    n_groups = len(np.unique(groups))
-    n_splits = min(max(2, round(1 / fraction)), n_groups)
-    if n_groups < 2:
-        raise ValueError(f"grouped split needs at least 3 boards, the dataset has {n_groups}")
-    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, held = next(folds.split(ids, y, groups))
+    n_splits = min(max(2, round(1 / fraction)), len(np.unique(groups)))
+    try:
+        with warnings.catch_warnings():  # "least populated class has only n members": expected, rare classes
+            warnings.simplefilter("ignore", UserWarning)
+            _, held = next(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(ids, y, groups))
+    except ValueError:  # every class has fewer images than folds: stratifying is impossible, group only
+        _, held = next(GroupKFold(n_splits, shuffle=True, random_state=seed).split(ids, y, groups))
     mask = np.zeros(len(ids), bool)
     mask[held] = True
     return mask

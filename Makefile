@@ -1,0 +1,29 @@
+# Two commands on a fresh clone:  `make repro` (install + run the pipeline), `make test` (install + tests).
+PYTHON ?= python3
+VENV   := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: install repro test clean-venv
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+
+# Re-installs when pyproject.toml changes. torch 2.14.1 + torchvision 0.29.1 is the pair that installs
+# and imports here (see README); pip picks it from the ranges in pyproject.toml.
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+repro: install
+	dvc repro
+
+test: install
+	python -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,63 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough for seconds per stage, big enough for three boards per split.
+TINY = {
+    "ingest": {"synthetic": {"boards": 5, "images_per_board": 3, "image_size": 128}},
+    "augment": {"copies": 1},
+    "train": {"epochs": 2, "batch_size": 4, "crop_size": 64, "model": {"width": 8}},
+    "export": {"parity_images": 3},
+    "benchmark": {"warmup": 1, "runs": 3, "batch_size": 2},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def write_params(path: Path, over: dict) -> Path:
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    path.write_text(yaml.safe_dump(merge(base, over), sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_params(tmp_path):
+    """A params.yaml with the TINY overrides; returns a callable for more overrides."""
+    def make(over: dict | None = None) -> Path:
+        return write_params(tmp_path / "params.yaml", merge(TINY, over or {}))
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """The tiny pipeline's data stages run once through the library: raw, clean, split, augmented."""
+    from pcb_aoi import augment, etl, ingest, split
+    from pcb_aoi.config import load_params
+
+    d = tmp_path_factory.mktemp("tiny")
+    p = load_params(write_params(d / "params.yaml", TINY))
+    ingest.run(p.ingest, p.seed, p.classes, d / "raw")
+    etl.run(p.etl, p.classes, d / "raw", d / "clean")
+    split.run(p.split, p.seed, p.classes, d / "clean", d / "split")
+    augment.run(p.augment, p.seed, d / "clean", d / "split", d / "augmented")
+    return d, p
+
+
+def copy_project(dst: Path) -> None:
+    """The files a pipeline run needs, as a user's checkout would have them."""
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, dst / name)
+    shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

@@ -1,0 +1,102 @@
+"""End to end: the real dvc.yaml in a temporary git + DVC repo, on tiny params."""
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import TINY, copy_project, merge, write_params
+
+TINY_CLASSES = ["open", "short", "mousebite", "spur", "copper", "pin-hole"]
+STAGES = ["ingest", "etl", "split", "augment", "train", "evaluate", "export_onnx", "benchmark"]
+
+
+def sh(repo, *cmd, check=True):
+    r = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    if check and r.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def ran(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+def changed(repo) -> set[str]:
+    return set(json.loads(sh(repo, "dvc", "status", "--json").stdout))
+
+
+def set_params(repo, over):
+    write_params(repo / "params.yaml", merge(TINY, over))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    copy_project(repo)
+    write_params(repo / "params.yaml", TINY)
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "config", "user.email", "t@example.com")
+    sh(repo, "git", "config", "user.name", "test")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "tiny pipeline")
+    out = sh(repo, "dvc", "repro").stdout
+    assert ran(out) == STAGES
+    return repo
+
+
+def test_repro_writes_every_report(repo):
+    m = json.loads((repo / "reports/metrics.json").read_text())
+    assert {"map", "map50", "map33", "per_class", "escape_rate"} <= set(m)
+    assert set(m["per_class"]) == set(TINY_CLASSES) and 0 <= m["map"] <= m["map50"] <= m["map33"] <= 1
+    ingest = json.loads((repo / "reports/ingest.json").read_text())
+    assert ingest["images"] == 15 and ingest["boxes"] == sum(ingest["per_class"].values())
+    bench = json.loads((repo / "reports/benchmark.json").read_text())
+    assert [v["format"] for v in bench["variants"]] == ["pytorch-eager-fp32", "onnxruntime-fp32"]
+    for v in bench["variants"]:
+        assert {"format", "size_mb", "ms_p50", "ms_p95", "fps", "map50"} <= set(v) and v["ms_p95"] >= v["ms_p50"] > 0
+    assert json.loads((repo / "reports/export.json").read_text())["same_detections"] is True
+    assert (repo / "reports/plots/confusion.csv").is_file() and (repo / "reports/plots/pr/open.csv").is_file()
+    assert (repo / "reports/live/plots/metrics/val/map50.tsv").is_file()
+
+
+def test_second_repro_runs_nothing(repo):
+    assert changed(repo) == set()
+    assert ran(sh(repo, "dvc", "repro").stdout) == []
+
+
+def test_dvc_plots_render(repo):
+    sh(repo, "dvc", "plots", "show", "-o", "plots_html")
+    html = (repo / "plots_html/index.html").read_text()
+    assert "Precision-recall" in html and "Confusion matrix" in html and "Validation mAP" in html
+
+
+def test_deps_are_complete(repo):
+    set_params(repo, {"seed": 1})
+    assert changed(repo) == {"ingest", "split", "augment", "train"}  # every stage using the seed
+    set_params(repo, {})
+    lib = repo / "src/pcb_aoi/loss.py"
+    original = lib.read_text()
+    lib.write_text(original + "\n# edited\n")
+    assert changed(repo) == {"train"}  # and, through models/model.pt, what follows it
+    lib.write_text(original)
+    assert changed(repo) == set()
+
+
+def test_train_param_reruns_train_and_what_follows(repo):
+    set_params(repo, {"train": {"epochs": 3}})
+    assert ran(sh(repo, "dvc", "repro").stdout) == ["train", "evaluate", "export_onnx", "benchmark"]
+    assert json.loads((repo / "reports/train.json").read_text())["epochs"] == 3
+
+
+def test_bad_param_fails_cleanly_and_keeps_outputs(repo):
+    model = (repo / "models/model.pt").read_bytes()
+    metrics = (repo / "reports/metrics.json").read_text()
+    set_params(repo, {"train": {"lr": "fast"}, "evaluate": {"score_threshold": 0.4}})
+    r = sh(repo, "dvc", "repro", check=False)
+    assert r.returncode != 0
+    assert "train.lr" in r.stderr + r.stdout and "Traceback" not in r.stderr
+    assert (repo / "models/model.pt").read_bytes() == model
+    assert (repo / "reports/metrics.json").read_text() == metrics
+    set_params(repo, {"train": {"epochs": 3}})
