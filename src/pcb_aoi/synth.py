@@ -221,7 +221,7 @@ class _Injector:
         c = (xs[i] + 8, ys[i] + 8)
         return _mask(self.shape, lambda dr: _disc(dr, c, r)) & self.copper
 
-    def inject(self, cls: str, tries: int = 30) -> Defect | None:
+    def inject(self, cls: str, tries: int = 100) -> Defect | None:
         method = {"open": self.open, "short": self.short, "mousebite": self.mousebite,
                   "spur": self.spur, "copper": self.copper_blob, "pin-hole": self.pin_hole}[cls]
         for _ in range(tries):

@@ -1,0 +1,72 @@
+"""Wall time of a fresh default `dvc repro` (per stage) and of a no-op `dvc repro`, measured in one run.
+
+Copies the project (dvc.yaml, params.yaml, src/) into a temporary git + DVC repo so the timing is
+that of a fresh clone, not of a workspace with warm outputs. Usage:
+
+    python benchmarks/repro_timing.py [--out timing.json] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sh(cwd: Path, *cmd: str) -> None:
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)
+
+
+def timed_repro(repo: Path) -> tuple[float, dict[str, float]]:
+    """Run `dvc repro`, streaming its output; returns (total s, seconds per stage)."""
+    stages, current, t_stage = {}, None, None
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("Running stage '"):
+            now = time.perf_counter()
+            if current:
+                stages[current] = round(now - t_stage, 2)
+            current, t_stage = line.split("'")[1], now
+        sys.stderr.write(line)
+    if proc.wait():
+        raise SystemExit(f"dvc repro failed in {repo}")
+    total = time.perf_counter() - t0
+    if current:
+        stages[current] = round(time.perf_counter() - t_stage, 2)
+    return round(total, 2), stages
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="also write the result as JSON here")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary repo")
+    args = ap.parse_args()
+    repo = Path(tempfile.mkdtemp(prefix="pcb-aoi-timing-"))
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    fresh, stages = timed_repro(repo)
+    noop, _ = timed_repro(repo)
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    bench = json.loads((repo / "reports/benchmark.json").read_text())
+    result = {"fresh_repro_s": fresh, "noop_repro_s": noop, "stages_s": stages,
+              "map50": metrics["map50"], "map33": metrics["map33"], "map": metrics["map"],
+              "ort_vs_torch_speedup": bench["ort_vs_torch_speedup"]}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if not args.keep:
+        shutil.rmtree(repo)
+
+
+if __name__ == "__main__":
+    main()
