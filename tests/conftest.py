@@ -61,3 +61,42 @@ def copy_project(dst: Path) -> None:
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, dst / name)
     shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+
+
+AZURITE = ROOT / "node_modules" / ".bin" / "azurite-blob"
+DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_connection_string(port: int, key: str = DEV_KEY) -> str:
+    return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};"
+            f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;")
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """A real Azure Blob endpoint: Azurite from npm (`npm install azurite`), on 127.0.0.1, stopped after."""
+    import socket
+    import subprocess
+    import time
+
+    if not AZURITE.exists():
+        pytest.skip("Azurite not installed: run `npm install --no-save azurite@3` in the project root")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
+                             str(tmp_path_factory.mktemp("azurite")), "--silent", "--skipApiVersionCheck",
+                             "--disableTelemetry"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("Azurite did not start within 30 s")
+    yield azurite_connection_string(port)
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -18,7 +18,7 @@ from .config import BenchmarkConfig
 from .dataset import Dataset, write_json
 from .evaluate import score, test_ids
 from .export import INPUT, OUTPUTS, ort_session
-from .inference import Runner, decode, load_pair, prepare_input, torch_runner
+from .inference import Runner, decode, load_pair, prepare_input, stack_padded, torch_runner
 
 
 def ort_runner(sess) -> Runner:
@@ -49,7 +49,7 @@ def time_variant(runner: Runner, ds: Dataset, rows: list, use_template: bool, cf
         if i >= cfg.warmup:
             e2e.append((time.perf_counter() - t0) * 1e3)
             infer.append(inf * 1e3)
-    xb = np.stack([prepare_input(*load_pair(ds, rows[i % len(rows)]), use_template) for i in range(cfg.batch_size)])
+    xb = stack_padded([prepare_input(*load_pair(ds, rows[i % len(rows)]), use_template) for i in range(cfg.batch_size)])
     runner(xb)  # warm-up at this shape
     reps = max(1, cfg.runs // cfg.batch_size)
     t0 = time.perf_counter()

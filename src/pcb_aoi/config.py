@@ -36,18 +36,26 @@ class SynthConfig:
 
 @dataclass(frozen=True)
 class IngestConfig:
-    source: Literal["synthetic"] = "synthetic"
-    uri: str = ""  # where real data lives (folder, https archive, azure://); unused for synthetic
+    source: Literal["synthetic", "deeppcb", "voc", "yolo", "coco"] = "synthetic"
+    uri: str = ""  # where real data lives: a folder, an https:// zip/tar.gz, or azure://container/path
+    sha256: str = ""  # expected checksum of an https archive ("" = not checked)
+    class_map: dict[str, str] = field(default_factory=dict)  # source class name -> project class
+    board_regex: str = ""  # regex on the image file stem whose group 1 is the board id ("" = per image)
     synthetic: SynthConfig = field(default_factory=SynthConfig)
 
 
 @dataclass(frozen=True)
 class EtlConfig:
     min_box_px: float = 2.0  # boxes narrower or shorter than this are rejected as degenerate
+    out_of_image: Literal["reject", "clip"] = "reject"  # a box crossing the image border
+    tile_size: int = 0  # images larger than this (px) are cut into tiles of this size; 0 = never
+    tile_overlap: int = 64  # px shared by neighbouring tiles
+    tile_min_visibility: float = 0.5  # a cut box keeps its label if this fraction of it is in the tile
 
 
 @dataclass(frozen=True)
 class SplitConfig:
+    strategy: Literal["grouped", "official", "random"] = "grouped"
     val_fraction: float = 0.15
     test_fraction: float = 0.15
 
@@ -201,6 +209,13 @@ def _validate(p: Params) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v}")
+    if p.ingest.source != "synthetic" and not p.ingest.uri:
+        raise ConfigError(f"ingest.uri: required for ingest.source={p.ingest.source} (a folder, https:// or azure:// URI)")
+    bad = sorted(set(p.ingest.class_map.values()) - set(p.classes))
+    if bad:
+        raise ConfigError(f"ingest.class_map: maps to unknown class(es) {bad}; known: {list(p.classes)}")
+    if p.etl.tile_size and (p.etl.tile_size % 32 or p.etl.tile_overlap >= p.etl.tile_size):
+        raise ConfigError("etl.tile_size must be a multiple of 32 and larger than etl.tile_overlap")
     if p.ingest.synthetic.image_size % 32:
         raise ConfigError("ingest.synthetic.image_size must be a multiple of 32")
 

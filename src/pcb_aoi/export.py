@@ -18,7 +18,7 @@ import torch
 from . import checkpoint
 from .config import ExportConfig
 from .dataset import Dataset, atomic_file
-from .inference import decode, load_pair, prepare_input
+from .inference import decode, load_pair, prepare_input, stack_padded
 
 INPUT, OUTPUTS = "input", ["heatmap", "boxes"]
 PARITY_MIN_SCORE = 0.05
@@ -78,7 +78,7 @@ def run(cfg: ExportConfig, model_path: str | Path, clean_dir: str | Path, image_
     use_template = ckpt["input_spec"]["use_template"]
     ds = Dataset.load(clean_dir)
     rows = ds.images.set_index("image_id").loc[image_ids[: cfg.parity_images]].reset_index()
-    x = np.stack([prepare_input(*load_pair(ds, r), use_template) for r in rows.itertuples(index=False)])
+    x = stack_padded([prepare_input(*load_pair(ds, r), use_template) for r in rows.itertuples(index=False)])
     with atomic_file(onnx_out) as tmp:
         export(model, ckpt, torch.from_numpy(x[:1]), tmp, cfg.opset)  # exported at batch 1 ...
         report = parity(model, ort_session(tmp), x, cfg.parity_atol)  # ... checked at batch N

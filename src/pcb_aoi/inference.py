@@ -26,13 +26,24 @@ def prepare_input(test: np.ndarray, template: np.ndarray | None, use_template: b
         if template is None:
             raise ValueError("this model is reference-based and needs a template image")
         r = template.astype(np.float32) / 255.0
-        chans = [t, r, t - r]
-        pad_values = [1.0, 1.0, 0.0]
+        x = np.stack([t, r, t - r])
     else:
-        chans, pad_values = [t], [1.0]
+        x = t[None]
     h, w = t.shape
-    ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
-    return np.stack([np.pad(c, ((0, ph), (0, pw)), constant_values=v) for c, v in zip(chans, pad_values)])
+    return pad_to(x, h + -h % PAD_MULTIPLE, w + -w % PAD_MULTIPLE)
+
+
+def pad_to(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Pad (C, H, W) input bottom/right to (C, h, w): background white, difference channel 0."""
+    values = [1.0, 1.0, 0.0][: len(x)]
+    ph, pw = h - x.shape[1], w - x.shape[2]
+    return np.stack([np.pad(c, ((0, ph), (0, pw)), constant_values=v) for c, v in zip(x, values)])
+
+
+def stack_padded(inputs: list[np.ndarray]) -> np.ndarray:
+    """Batch inputs of different sizes (tiles at image borders, mixed sources) by padding."""
+    h, w = max(x.shape[1] for x in inputs), max(x.shape[2] for x in inputs)
+    return np.stack([pad_to(x, h, w) for x in inputs])
 
 
 def load_pair(ds: Dataset, row) -> tuple[np.ndarray, np.ndarray | None]:
@@ -81,12 +92,12 @@ def torch_runner(model: torch.nn.Module) -> Runner:
 
 def predict(runner: Runner, ds: Dataset, image_ids: Iterable[str], use_template: bool, batch_size: int = 8,
             score_threshold: float = 0.01) -> dict[str, dict[str, np.ndarray]]:
-    """Run ``runner`` over images of ``ds``; boxes are clipped to each image. Same-size batches only."""
+    """Run ``runner`` over images of ``ds``; boxes are clipped to each image."""
     rows = ds.images.set_index("image_id").loc[list(image_ids)].reset_index()
     results = {}
     for start in range(0, len(rows), batch_size):
         chunk = list(rows.iloc[start:start + batch_size].itertuples(index=False))
-        x = np.stack([prepare_input(*load_pair(ds, r), use_template) for r in chunk])
+        x = stack_padded([prepare_input(*load_pair(ds, r), use_template) for r in chunk])
         heat, boxes = runner(x)
         for r, det in zip(chunk, decode(torch.from_numpy(heat), torch.from_numpy(boxes), score_threshold)):
             bx = det["boxes"].numpy().copy()

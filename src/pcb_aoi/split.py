@@ -1,4 +1,5 @@
-"""split: train/val/test grouped by board (no board in two splits), stratified by defect class.
+"""split: train/val/test by board (no board in two splits; default), at random, or the source's
+official lists, stratified by defect class where the groups allow it.
 
 scikit-learn's StratifiedGroupKFold does the grouping; the label it stratifies on is each image's
 most frequent defect class, the closest single label to "class mix" that it accepts.
@@ -31,21 +32,39 @@ def _carve(ids: np.ndarray, y: np.ndarray, groups: np.ndarray, fraction: float, 
 
 
 def assign(ds: Dataset, cfg: SplitConfig, seed: int) -> pd.DataFrame:
-    """Frame ``image_id, board_id, split`` with split in {train, val, test}."""
-    images = ds.images[["image_id", "board_id"]].reset_index(drop=True)
+    """Frame ``image_id, board_id, split`` with split in {train, val, test}.
+
+    ``grouped``: whole boards per split. ``random``: images independently (each its own group).
+    ``official``: the source's own lists (``source_split``: test stays test, val stays val,
+    train/trainval gives val by board when the source has no val list).
+    """
+    images = ds.images[["image_id", "board_id", "source_split"]].reset_index(drop=True)
     dominant = ds.boxes.groupby("image_id")["class_name"].agg(lambda s: s.value_counts().index[0])
     y = images["image_id"].map(dominant).fillna("none").to_numpy()
-    ids, groups = images["image_id"].to_numpy(), images["board_id"].to_numpy()
-    if len(np.unique(groups)) < 3:
-        raise ValueError(f"grouped split needs at least 3 boards, the dataset has {len(np.unique(groups))}")
-    test = _carve(ids, y, groups, cfg.test_fraction, seed)
-    rest = np.flatnonzero(~test)
-    val_in_rest = _carve(ids[rest], y[rest], groups[rest], cfg.val_fraction / (1 - cfg.test_fraction), seed + 1)
+    ids = images["image_id"].to_numpy()
+    groups = ids if cfg.strategy == "random" else images["board_id"].to_numpy()
     split = np.full(len(ids), "train", dtype=object)
+    if cfg.strategy == "official":
+        src = images["source_split"].to_numpy()
+        if not (src == "test").any():
+            raise ValueError("split.strategy=official: the source has no official test list; "
+                             "use split.strategy=grouped (boards held out) instead")
+        test = src == "test"
+        split[src == "val"] = "val"
+        carve_val = not (src == "val").any()
+        val_fraction = cfg.val_fraction
+    else:
+        if len(np.unique(groups)) < 3:
+            raise ValueError(f"split.strategy={cfg.strategy} needs at least 3 boards, the dataset has "
+                             f"{len(np.unique(groups))}; set ingest.board_regex or use split.strategy=random")
+        test = _carve(ids, y, groups, cfg.test_fraction, seed)
+        carve_val, val_fraction = True, cfg.val_fraction / (1 - cfg.test_fraction)
     split[test] = "test"
-    split[rest[val_in_rest]] = "val"
+    if carve_val:
+        rest = np.flatnonzero(~test)
+        split[rest[_carve(ids[rest], y[rest], groups[rest], val_fraction, seed + 1)]] = "val"
     images["split"] = split
-    return images
+    return images.drop(columns="source_split")
 
 
 def run(cfg: SplitConfig, seed: int, classes: tuple[str, ...], src: str | Path, out: str | Path) -> dict:

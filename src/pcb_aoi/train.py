@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import TrainConfig
 from .dataset import Dataset, atomic_dir
-from .inference import load_pair, predict, prepare_input, torch_runner
+from .inference import load_pair, predict, prepare_input, stack_padded, torch_runner
 from .loss import box_loss, build_targets, focal_loss
 from .metrics import coco_metrics
 from .model import Detector, DetectorConfig
@@ -63,7 +63,7 @@ class PairDataset(torch.utils.data.Dataset):
 
 def collate(batch):
     xs, boxes, labels = zip(*batch)
-    return torch.stack(xs), list(boxes), list(labels)
+    return torch.from_numpy(stack_padded([x.numpy() for x in xs])), list(boxes), list(labels)
 
 
 def train_one_epoch(model: Detector, loader, opt, sched) -> dict[str, float]:
