@@ -34,8 +34,9 @@ def build(cfg: AugmentConfig, seed: int) -> A.Compose:
     )
 
 
-def apply(tf: A.Compose, test: np.ndarray, template: np.ndarray | None, boxes: np.ndarray, labels: list[str]):
-    """Transform one pair; boxes (N, 4) x1 y1 x2 y2 pixels. Returns (test, template, boxes, labels)."""
+def apply(tf: A.Compose, test: np.ndarray, template: np.ndarray | None, boxes: np.ndarray, labels):
+    """Transform one pair; boxes (N, 4) x1 y1 x2 y2 pixels, one label each (names or ids).
+    Returns (test, template, boxes, labels)."""
     kw = {"template": template} if template is not None else {}
     out = tf(image=test, bboxes=boxes.reshape(-1, 4), labels=labels, **kw)
     return out["image"], out.get("template"), np.asarray(out["bboxes"], np.float32).reshape(-1, 4), list(out["labels"])

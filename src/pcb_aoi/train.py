@@ -18,7 +18,7 @@ import torch
 from dvclive import Live
 from tqdm import tqdm
 
-from . import checkpoint
+from . import augment, checkpoint
 from .config import TrainConfig
 from .dataset import Dataset, atomic_dir
 from .inference import load_pair, predict, prepare_input, stack_padded, torch_runner
@@ -52,11 +52,8 @@ class PairDataset(torch.utils.data.Dataset):
         g = self.gt[row.image_id]
         boxes, labels = g["boxes"], g["labels"]
         if self.crop is not None:
-            kw = {"template": template} if template is not None else {}
-            o = self.crop(image=test, bboxes=boxes, labels=labels, **kw)
-            test, template = o["image"], o.get("template")
-            boxes = np.asarray(o["bboxes"], np.float32).reshape(-1, 4)
-            labels = np.asarray(o["labels"], np.int64)
+            test, template, boxes, labels = augment.apply(self.crop, test, template, boxes, labels)
+            labels = np.asarray(labels, np.int64)
         x = prepare_input(test, template, self.use_template)
         return torch.from_numpy(x), torch.from_numpy(boxes), torch.from_numpy(labels)
 
