@@ -54,6 +54,8 @@ def main() -> None:
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     sh(repo, "git", "init", "-q")
     sh(repo, "dvc", "init", "-q")
+    sh(repo, "git", "add", "-A")  # dvclive needs a commit to exist
+    sh(repo, "git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "timing")
     fresh, stages = timed_repro(repo)
     noop, _ = timed_repro(repo)
     metrics = json.loads((repo / "reports/metrics.json").read_text())
