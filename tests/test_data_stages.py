@@ -46,7 +46,7 @@ def _dataset(tmp_path, boxes, corrupt=False):
     root = tmp_path / "raw"
     (root / "images").mkdir(parents=True)
     Image.fromarray(np.full((64, 64), 255, np.uint8)).save(root / "images/a.png")
-    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(root / "images/b.png")
+    Image.fromarray(np.full((64, 64), 254, np.uint8)).save(root / "images/b.png")  # not a duplicate of a
     if corrupt:
         (root / "images/b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     rows = [dict(image_id=i, path=f"images/{i}.png", template_path="", width=64, height=64, board_id="x",
