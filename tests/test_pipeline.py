@@ -3,7 +3,6 @@ import json
 import subprocess
 
 import pytest
-import yaml
 
 from conftest import TINY, copy_project, merge, write_params
 

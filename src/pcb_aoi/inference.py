@@ -6,7 +6,6 @@ without a template), padded bottom/right with background (white) to a multiple o
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
