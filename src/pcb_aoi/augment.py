@@ -11,12 +11,11 @@ from pathlib import Path
 
 import albumentations as A
 import numpy as np
-import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
 from .config import AugmentConfig
-from .dataset import Dataset, atomic_dir, make_boxes_frame, make_images_frame, read_grey
+from .dataset import Dataset, atomic_dir, make_boxes_frame, make_images_frame, read_grey, split_ids
 
 
 def build(cfg: AugmentConfig, seed: int) -> A.Compose:
@@ -44,8 +43,7 @@ def apply(tf: A.Compose, test: np.ndarray, template: np.ndarray | None, boxes: n
 
 def run(cfg: AugmentConfig, seed: int, src: str | Path, split: str | Path, out: str | Path) -> dict:
     ds = Dataset.load(src)
-    table = pd.read_parquet(Path(split) / "split.parquet")
-    train_ids = set(table.loc[table["split"] == "train", "image_id"])
+    train_ids = set(split_ids(split, "train"))
     train = ds.images[ds.images["image_id"].isin(train_ids)]
     tf = build(cfg, seed)
     images, boxes = [], []

@@ -69,7 +69,7 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
     classes, use_template = tuple(ckpt["classes"]), ckpt["input_spec"]["use_template"]
     ds = Dataset.load(clean_dir)
     ids = test_ids(split_dir)
-    rows = list(ds.images.set_index("image_id").loc[ids].reset_index().itertuples(index=False))
+    rows = ds.rows(ids)
     variants = []
     for fmt, runner, path in (("pytorch-eager-fp32", torch_runner(model), model_path),
                               ("onnxruntime-fp32", ort_runner(ort_session(onnx_path, threads)), onnx_path)):

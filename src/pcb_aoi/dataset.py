@@ -96,6 +96,10 @@ class Dataset:
                              "labels": b["class_name"].map(index).to_numpy(np.int64)}
         return out
 
+    def rows(self, image_ids) -> list:
+        """Image rows (namedtuples) for ``image_ids``, in that order."""
+        return list(self.images.set_index("image_id").loc[list(image_ids)].reset_index().itertuples(index=False))
+
     def boxes_of(self, image_id: str) -> pd.DataFrame:
         return self._groups.get(image_id, self.boxes.iloc[:0])
 
@@ -104,6 +108,12 @@ class Dataset:
         if not hasattr(self, "_g"):
             self._g = {k: g for k, g in self.boxes.groupby("image_id", sort=False)}
         return self._g
+
+
+def split_ids(split_dir: str | Path, name: str) -> list[str]:
+    """Image ids of split ``name`` (train / val / test) in ``split_dir/split.parquet``."""
+    table = pd.read_parquet(Path(split_dir) / "split.parquet")
+    return table.loc[table["split"] == name, "image_id"].tolist()
 
 
 def make_images_frame(rows: list[dict]) -> pd.DataFrame:

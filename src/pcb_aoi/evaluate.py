@@ -13,14 +13,13 @@ import pandas as pd
 
 from . import checkpoint
 from .config import EvaluateConfig
-from .dataset import Dataset, atomic_dir, write_json
+from .dataset import Dataset, atomic_dir, split_ids, write_json
 from .inference import Runner, predict, torch_runner
 from .metrics import coco_metrics, operating_point
 
 
 def test_ids(split_dir: str | Path) -> list[str]:
-    table = pd.read_parquet(Path(split_dir) / "split.parquet")
-    ids = table.loc[table["split"] == "test", "image_id"].tolist()
+    ids = split_ids(split_dir, "test")
     if not ids:
         raise ValueError(f"{split_dir}/split.parquet: the test split is empty")
     return ids

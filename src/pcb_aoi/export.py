@@ -77,8 +77,7 @@ def run(cfg: ExportConfig, model_path: str | Path, clean_dir: str | Path, image_
     model, ckpt = checkpoint.load(model_path)
     use_template = ckpt["input_spec"]["use_template"]
     ds = Dataset.load(clean_dir)
-    rows = ds.images.set_index("image_id").loc[image_ids[: cfg.parity_images]].reset_index()
-    x = stack_padded([prepare_input(*load_pair(ds, r), use_template) for r in rows.itertuples(index=False)])
+    x = stack_padded([prepare_input(*load_pair(ds, r), use_template) for r in ds.rows(image_ids[: cfg.parity_images])])
     with atomic_file(onnx_out) as tmp:
         export(model, ckpt, torch.from_numpy(x[:1]), tmp, cfg.opset)  # exported at batch 1 ...
         report = parity(model, ort_session(tmp), x, cfg.parity_atol)  # ... checked at batch N

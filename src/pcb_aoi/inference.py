@@ -92,10 +92,10 @@ def torch_runner(model: torch.nn.Module) -> Runner:
 def predict(runner: Runner, ds: Dataset, image_ids: Iterable[str], use_template: bool, batch_size: int = 8,
             score_threshold: float = 0.01) -> dict[str, dict[str, np.ndarray]]:
     """Run ``runner`` over images of ``ds``; boxes are clipped to each image."""
-    rows = ds.images.set_index("image_id").loc[list(image_ids)].reset_index()
+    rows = ds.rows(image_ids)
     results = {}
     for start in range(0, len(rows), batch_size):
-        chunk = list(rows.iloc[start:start + batch_size].itertuples(index=False))
+        chunk = rows[start:start + batch_size]
         x = stack_padded([prepare_input(*load_pair(ds, r), use_template) for r in chunk])
         heat, boxes = runner(x)
         for r, det in zip(chunk, decode(torch.from_numpy(heat), torch.from_numpy(boxes), score_threshold)):

@@ -13,14 +13,13 @@ from pathlib import Path
 import albumentations as A
 import cv2
 import numpy as np
-import pandas as pd
 import torch
 from dvclive import Live
 from tqdm import tqdm
 
 from . import augment, checkpoint
 from .config import TrainConfig
-from .dataset import Dataset, atomic_dir
+from .dataset import Dataset, atomic_dir, split_ids
 from .inference import load_pair, predict, prepare_input, stack_padded, torch_runner
 from .loss import box_loss, build_targets, focal_loss
 from .metrics import coco_metrics
@@ -88,8 +87,7 @@ def run(cfg: TrainConfig, seed: int, classes: tuple[str, ...], train_dir: str | 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_ds, clean = Dataset.load(train_dir), Dataset.load(clean_dir)
-    table = pd.read_parquet(Path(split_dir) / "split.parquet")
-    val_ids = table.loc[table["split"] == "val", "image_id"].tolist()
+    val_ids = split_ids(split_dir, "val")
     use_template = cfg.model.use_template and bool(train_ds.images["template_path"].astype(bool).all())
     model = Detector(DetectorConfig(num_classes=len(classes), in_channels=3 if use_template else 1,
                                     width=cfg.model.width, stride=cfg.model.stride))
