@@ -34,7 +34,7 @@ def run_stage(parser: argparse.ArgumentParser, work: Callable[[Params, argparse.
         kind = "params.yaml" if isinstance(e, ConfigError) else type(e).__name__
         print(f"error: {name}: {kind}: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
-    if args.report:
+    if args.report and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         write_json(args.report, summary)
     short = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
     print(f"{name}: {json.dumps(short)}")

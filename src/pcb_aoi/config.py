@@ -85,6 +85,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     crop_size: int = 160  # random training crops (fully convolutional model); 0 = full image
     threads: int = 0  # torch intra-op threads; 0 = all cores
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the GPU when torch sees one
+    val_every: int = 1  # validate every N epochs (and after the last)
+    resume: bool = True  # continue an interrupted run from models/checkpoints/last.pt when compatible
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -204,6 +207,7 @@ def _validate(p: Params) -> None:
         "train.epochs": p.train.epochs,
         "train.batch_size": p.train.batch_size,
         "train.lr": p.train.lr,
+        "train.val_every": p.train.val_every,
         "benchmark.runs": p.benchmark.runs,
     }
     for key, v in positive.items():

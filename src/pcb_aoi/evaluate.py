@@ -55,8 +55,8 @@ def score(runner: Runner, ds: Dataset, ids: list[str], classes: tuple[str, ...],
 
 
 def run(cfg: EvaluateConfig, model_path: str | Path, clean_dir: str | Path, split_dir: str | Path,
-        metrics_out: str | Path, plots_dir: str | Path) -> dict:
-    model, ckpt = checkpoint.load(model_path)
+        metrics_out: str | Path, plots_dir: str | Path, classes: tuple[str, ...] | None = None) -> dict:
+    model, ckpt = checkpoint.load(model_path, expect={"classes": list(classes)} if classes else None)
     classes = tuple(ckpt["classes"])
     ds = Dataset.load(clean_dir)
     metrics, plots = score(torch_runner(model), ds, test_ids(split_dir), classes,

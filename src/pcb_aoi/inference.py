@@ -78,13 +78,14 @@ def decode(heatmap: torch.Tensor, boxes: torch.Tensor, score_threshold: float = 
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (B, C, H, W) -> (heatmap, boxes)
 
 
-def torch_runner(model: torch.nn.Module) -> Runner:
-    model.eval()
+def torch_runner(model: torch.nn.Module, device: torch.device | str = "cpu") -> Runner:
+    """A Runner over a PyTorch model; sets eval mode when called (training may switch it back)."""
 
     @torch.no_grad()
     def run(x: np.ndarray):
-        heat, boxes = model(torch.from_numpy(x))
-        return heat.numpy(), boxes.numpy()
+        model.eval()
+        heat, boxes = model(torch.from_numpy(x).to(device))
+        return heat.cpu().numpy(), boxes.cpu().numpy()
 
     return run
 

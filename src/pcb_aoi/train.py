@@ -1,38 +1,59 @@
-"""train: fit the detector from scratch on the augmented training split, validate every epoch.
+"""train: fit the detector from scratch on the augmented training split, validate on held-out boards.
 
-dvclive logs the losses and validation mAP per epoch; the best epoch (validation mAP@0.5) is saved
-as a self-describing checkpoint (``checkpoint.py``).
+- dvclive logs the losses and validation mAP per epoch; the best epoch (validation mAP@0.5) is saved
+  as a self-describing checkpoint (``checkpoint.py``).
+- Every epoch also writes ``<model dir>/checkpoints/last.pt`` (weights, optimizer, schedule, curves so
+  far). A run that finds a compatible one (same train params, seed, classes and data) resumes after
+  its epoch instead of starting over; an incompatible one is ignored, saying which keys differ.
+- Deterministic: the shuffle order and the random crops are functions of (seed, epoch, index), so a
+  resumed run ends with the same weights as an uninterrupted one.
+- Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DistributedDataParallel: gloo on CPUs, NCCL on
+  GPUs, the global batch ``train.batch_size`` split across processes; rank 0 validates and writes.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import resource
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 from dvclive import Live
 from tqdm import tqdm
 
 from . import augment, checkpoint
-from .config import TrainConfig
-from .dataset import Dataset, atomic_dir, split_ids
+from .config import TrainConfig, to_dict
+from .dataset import Dataset, atomic_dir, atomic_file, split_ids
 from .inference import load_pair, predict, prepare_input, stack_padded, torch_runner
 from .loss import box_loss, build_targets, focal_loss
 from .metrics import coco_metrics
 from .model import Detector, DetectorConfig
 
+RESUME_FORMAT = "pcb-aoi-resume/1"
+NOT_IN_FINGERPRINT = ("device", "threads", "resume")  # how to run, not what is trained
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN/inf."""
+
 
 class PairDataset(torch.utils.data.Dataset):
-    """(input (C, H, W), boxes (N, 4), labels (N,)) per image, optionally random-cropped."""
+    """(input (C, H, W), boxes (N, 4), labels (N,)) per image, optionally random-cropped.
+
+    The crop of item ``i`` in epoch ``e`` depends only on (seed, e, i): call ``set_epoch`` first.
+    """
 
     def __init__(self, ds: Dataset, classes: tuple[str, ...], use_template: bool, crop: int, seed: int):
         self.ds, self.rows = ds, list(ds.images.itertuples(index=False))
         self.gt = ds.annotations([r.image_id for r in self.rows], classes)
-        self.use_template = use_template
+        self.use_template, self.seed, self.epoch = use_template, seed, 0
         self.crop = None
         if crop:
             # Crops that hold at least one defect: most of the signal at a fraction of the compute.
@@ -41,6 +62,9 @@ class PairDataset(torch.utils.data.Dataset):
                                   bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"],
                                                            min_visibility=0.5),
                                   additional_targets={"template": "image"}, seed=seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -51,6 +75,7 @@ class PairDataset(torch.utils.data.Dataset):
         g = self.gt[row.image_id]
         boxes, labels = g["boxes"], g["labels"]
         if self.crop is not None:
+            self.crop.set_random_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
             test, template, boxes, labels = augment.apply(self.crop, test, template, boxes, labels)
             labels = np.asarray(labels, np.int64)
         x = prepare_input(test, template, self.use_template)
@@ -62,18 +87,56 @@ def collate(batch):
     return torch.from_numpy(stack_padded([x.numpy() for x in xs])), list(boxes), list(labels)
 
 
-def train_one_epoch(model: Detector, loader, opt, sched) -> dict[str, float]:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``train.device``: auto = the GPU when torch sees one, else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: cuda requested but torch sees no GPU "
+                         "(torch.cuda.is_available() is False); use auto or cpu")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class Ddp:
+    """Process-group facts from the torchrun environment (world size 1 without torchrun)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.main = self.rank == 0
+
+    def start(self, device: torch.device) -> None:
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def stop(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_one_epoch(model: torch.nn.Module, loader, opt, sched, epoch: int, device: torch.device,
+                    num_classes: int, stride: int) -> dict[str, float]:
     model.train()
     totals = {"loss": 0.0, "heat": 0.0, "box": 0.0}
-    for x, boxes, labels in loader:
-        heat_logits, pred_boxes = model(x)
+    for step, (x, boxes, labels) in enumerate(loader):
+        heat_logits, pred_boxes = model(x.to(device))
         h, w = heat_logits.shape[-2:]
-        heat, target, weight = build_targets(boxes, labels, model.cfg.num_classes, h, w, model.cfg.stride)
+        heat, target, weight = (t.to(device) for t in build_targets(boxes, labels, num_classes, h, w, stride))
         l_heat = focal_loss(heat_logits, heat)
         l_box = box_loss(pred_boxes, target, weight)
         loss = l_heat + 2.0 * l_box
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        # The gradient norm is the same on every DDP rank (after all-reduce): all ranks stop together.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            raise TrainingDiverged(f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g} at epoch {epoch}, "
+                                   f"step {step} (of {len(loader)}); try a lower train.lr")
         opt.step()
         sched.step()
         for k, v in (("loss", loss), ("heat", l_heat), ("box", l_box)):
@@ -81,52 +144,162 @@ def train_one_epoch(model: Detector, loader, opt, sched) -> dict[str, float]:
     return totals
 
 
+def fingerprint(cfg: TrainConfig, seed: int, classes: tuple[str, ...], train_dir: Path, val_ids: list[str],
+                world: int) -> dict:
+    """What a resumed run must share with the interrupted one to continue it."""
+    data = hashlib.sha256()
+    for name in ("images.parquet", "boxes.parquet"):
+        data.update((train_dir / name).read_bytes())
+    data.update("\n".join(val_ids).encode())
+    train = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_FINGERPRINT}
+    return {"train": train, "seed": seed, "classes": list(classes), "data_sha256": data.hexdigest(),
+            "processes": world}
+
+
+def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, with both values."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb, key = a.get(k), b.get(k), f"{prefix}{k}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differing_keys(va, vb, key + ".")
+        elif va != vb:
+            out.append(f"{key} ({json.dumps(va)} -> {json.dumps(vb)})")
+    return out
+
+
+def load_resume(path: Path, fp: dict) -> dict | None:
+    """The resume state at ``path`` if it continues this run; None (saying why) otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file from a kill during the write cannot happen (atomic), but be safe
+        print(f"train: ignoring {path}: unreadable ({e}); starting over")
+        return None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        print(f"train: ignoring {path}: not a {RESUME_FORMAT} file; starting over")
+        return None
+    diff = differing_keys(state["fingerprint"], fp)
+    if diff:
+        print(f"train: not resuming from {path} (epoch {state['epoch']}): incompatible, keys differ: "
+              f"{'; '.join(diff)}. Starting over.")
+        return None
+    return state
+
+
 def run(cfg: TrainConfig, seed: int, classes: tuple[str, ...], train_dir: str | Path, clean_dir: str | Path,
         split_dir: str | Path, model_out: str | Path, live_dir: str | Path) -> dict:
+    ddp = Ddp()
+    device = resolve_device(cfg.device, ddp.local_rank)
+    ddp.start(device)
+    try:
+        return _run(cfg, seed, classes, Path(train_dir), Path(clean_dir), split_dir, Path(model_out), live_dir,
+                    ddp, device)
+    finally:
+        ddp.stop()
+
+
+def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_dir, ddp: Ddp, device) -> dict:
     torch.manual_seed(seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if ddp.world > 1 and cfg.batch_size % ddp.world:
+        raise ValueError(f"train.batch_size: {cfg.batch_size} is not divisible by the {ddp.world} processes")
     train_ds, clean = Dataset.load(train_dir), Dataset.load(clean_dir)
     val_ids = split_ids(split_dir, "val")
     use_template = cfg.model.use_template and bool(train_ds.images["template_path"].astype(bool).all())
-    model = Detector(DetectorConfig(num_classes=len(classes), in_channels=3 if use_template else 1,
-                                    width=cfg.model.width, stride=cfg.model.stride))
+    net = Detector(DetectorConfig(num_classes=len(classes), in_channels=3 if use_template else 1,
+                                  width=cfg.model.width, stride=cfg.model.stride)).to(device)
+    model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
     data = PairDataset(train_ds, classes, use_template, cfg.crop_size, seed)
-    gen = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(data, cfg.batch_size, shuffle=True, collate_fn=collate, generator=gen,
-                                         drop_last=len(data) > cfg.batch_size)
+    drop_last = len(data) >= cfg.batch_size
+    sampler = torch.utils.data.DistributedSampler(data, ddp.world, ddp.rank, shuffle=True, seed=seed,
+                                                  drop_last=drop_last)
+    loader = torch.utils.data.DataLoader(data, cfg.batch_size // ddp.world, sampler=sampler, collate_fn=collate,
+                                         drop_last=drop_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.15)
+
+    resume_path = model_out.parent / "checkpoints" / "last.pt"
+    fp = fingerprint(cfg, seed, classes, train_dir, val_ids, ddp.world)
+    state = load_resume(resume_path, fp) if cfg.resume else None
+    start, best, best_epoch, history, epoch_s = 0, -1.0, -1, [], []
+    if state is not None:
+        net.load_state_dict(state["model_state"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
+        history, epoch_s = state["history"], state["epoch_seconds"]
+        if ddp.main:
+            print(f"train: resuming from {resume_path} after epoch {state['epoch']} (best val map50 {best:.4f} "
+                  f"at epoch {best_epoch})")
+        if start > 0 and not model_out.is_file():
+            best = -1.0  # the best model of the interrupted run is gone: keep the next validated epoch
     val_gt = clean.annotations(val_ids, classes)
-    best, best_epoch, epoch_s = -1.0, -1, []
-    with atomic_dir(live_dir) as live_tmp, Live(dir=str(live_tmp), dvcyaml=False, save_dvc_exp=False,
-                                                 report=None) as live:
-        for epoch in (bar := tqdm(range(cfg.epochs), desc="train", unit="epoch")):
-            t0 = time.perf_counter()
-            losses = train_one_epoch(model, loader, opt, sched)
-            epoch_s.append(time.perf_counter() - t0)
-            preds = predict(torch_runner(model), clean, val_ids, use_template)
-            val = coco_metrics(val_gt, preds, classes)
-            for k, v in losses.items():
-                live.log_metric(f"train/{k}", v)
-            for k in ("map50", "map"):
-                live.log_metric(f"val/{k}", val[k])
+    runner = torch_runner(net, device)
+    with ExitStack() as stack:
+        live = None
+        if ddp.main:  # one writer: rank 0
+            live_tmp = stack.enter_context(atomic_dir(live_dir))
+            live = stack.enter_context(Live(dir=str(live_tmp), dvcyaml=False, save_dvc_exp=False, report=None))
+        for past in history if live else ():  # the curves of the interrupted run, so the plots cover every epoch
+            for k, v in past.items():
+                live.log_metric(k, v)
             live.next_step()
-            bar.set_postfix(loss=f"{losses['loss']:.3f}", val_map50=f"{val['map50']:.3f}")
-            if not np.isfinite(losses["loss"]):
-                raise FloatingPointError(f"train: loss is {losses['loss']} at epoch {epoch}; lower train.lr")
-            if val["map50"] > best:
-                best, best_epoch = val["map50"], epoch
-                checkpoint.save(model_out, model, classes, use_template, epoch=epoch, val_map50=best, seed=seed,
-                                torch=str(torch.__version__), train_images=len(data))
+        bar = tqdm(range(start, cfg.epochs), desc="train", unit="epoch", initial=start, total=cfg.epochs,
+                   disable=not ddp.main)
+        for epoch in bar:
+            t0 = time.perf_counter()
+            sampler.set_epoch(epoch)
+            data.set_epoch(epoch)
+            try:
+                losses = train_one_epoch(model, loader, opt, sched, epoch, device, len(classes), net.cfg.stride)
+            except TrainingDiverged as e:
+                kept = [f"{p} (epoch {ep})" for p, ep in ((resume_path, epoch - 1), (model_out, best_epoch))
+                        if ep >= 0 and p.is_file()]
+                raise TrainingDiverged(f"{e}. Stopped; kept the last good checkpoints: "
+                                       f"{', '.join(kept) or 'none yet'}") from None
+            epoch_s.append(time.perf_counter() - t0)
+            logged = {f"train/{k}": v for k, v in losses.items()}
+            if ddp.main and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                val = coco_metrics(val_gt, predict(runner, clean, val_ids, use_template), classes)
+                logged.update({"val/map50": val["map50"], "val/map": val["map"]})
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", val_map50=f"{val['map50']:.3f}")
+                if val["map50"] > best:
+                    best, best_epoch = val["map50"], epoch
+                    checkpoint.save(model_out, net, classes, use_template, epoch=epoch, val_map50=best, seed=seed,
+                                    torch=str(torch.__version__), train_images=len(data))
+            if live:
+                for k, v in logged.items():
+                    live.log_metric(k, v)
+                live.next_step()
+                history.append(logged)
+                save_resume(resume_path, fp, net, opt, sched, epoch, best, best_epoch, history, epoch_s)
+            ddp.barrier()
+    if ddp.main:
+        resume_path.unlink(missing_ok=True)  # finished: nothing to resume
     return {
         "epochs": cfg.epochs,
+        "resumed_from_epoch": start - 1 if start else None,
         "best_epoch": best_epoch,
         "val_map50": best,
-        "seconds_per_epoch": float(np.mean(epoch_s)),
+        "seconds_per_epoch": float(np.mean(epoch_s)) if epoch_s else None,
+        "train_seconds": float(np.sum(epoch_s)),
         "train_images": len(data),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in net.parameters()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": str(device),
+        "processes": ddp.world,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
+
+
+def save_resume(path: Path, fp: dict, net: Detector, opt, sched, epoch: int, best: float, best_epoch: int,
+                history: list[dict], epoch_s: list[float]) -> None:
+    state = {"format": RESUME_FORMAT, "fingerprint": fp, "epoch": epoch, "model_state": net.state_dict(),
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": best,
+             "best_epoch": best_epoch, "history": history, "epoch_seconds": epoch_s}
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)

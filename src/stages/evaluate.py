@@ -12,4 +12,5 @@ if __name__ == "__main__":
     ap.add_argument("--split", required=True, help="folder holding split.parquet")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--plots", required=True, help="folder for PR-curve and confusion-matrix data")
-    run_stage(ap, lambda p, a: evaluate.run(p.evaluate, a.model, a.clean, a.split, a.metrics, a.plots))
+    run_stage(ap, lambda p, a: evaluate.run(p.evaluate, a.model, a.clean, a.split, a.metrics, a.plots,
+                                            classes=p.classes))

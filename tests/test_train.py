@@ -1,0 +1,179 @@
+"""Training mechanisms on tiny data: determinism, resume after a kill, NaN stop, incompatible
+checkpoints, DDP under torchrun with 2 CPU processes (gloo)."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from pcb_aoi import checkpoint, train
+from pcb_aoi.dataset import Dataset
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model_state"]
+
+
+def same_weights(a, b) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def run_train(tiny_pipeline, out, **over):
+    d, p = tiny_pipeline
+    cfg = dataclasses.replace(p.train, **over)
+    return train.run(cfg, p.seed, p.classes, d / "augmented", d / "clean", d / "split", out / "models" / "model.pt",
+                     out / "live")
+
+
+def stage_cmd(tiny_pipeline, out):
+    d, _ = tiny_pipeline
+    return [sys.executable, str(ROOT / "src/stages/train.py"), "--params", str(out / "params.yaml"),
+            "--train", str(d / "augmented"), "--clean", str(d / "clean"), "--split", str(d / "split"),
+            "--model", str(out / "models/model.pt"), "--live", str(out / "live"), "--report", str(out / "train.json")]
+
+
+def write_stage_params(tiny_pipeline, out, **train_over):
+    from conftest import TINY, merge, write_params
+    out.mkdir(parents=True, exist_ok=True)
+    write_params(out / "params.yaml", merge(TINY, {"train": train_over}))
+
+
+def test_same_seed_same_weights_and_metrics(tiny_pipeline, tmp_path):
+    a = run_train(tiny_pipeline, tmp_path / "a")
+    b = run_train(tiny_pipeline, tmp_path / "b")
+    assert a["val_map50"] == b["val_map50"] and a["best_epoch"] == b["best_epoch"]
+    assert same_weights(tmp_path / "a/models/model.pt", tmp_path / "b/models/model.pt")
+    assert not (tmp_path / "a/models/checkpoints/last.pt").exists(), "a finished run leaves nothing to resume"
+
+
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_pipeline, tmp_path):
+    epochs = 5
+    whole = run_train(tiny_pipeline, tmp_path / "whole", epochs=epochs)
+    out = tmp_path / "killed"
+    write_stage_params(tiny_pipeline, out, epochs=epochs)
+    last = out / "models/checkpoints/last.pt"
+    proc = subprocess.Popen(stage_cmd(tiny_pipeline, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    while not last.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), "the run ended before it could be killed; the test needs slower epochs"
+    killed_after = torch.load(last, weights_only=True)["epoch"]
+    assert killed_after < epochs - 1
+
+    r = subprocess.run(stage_cmd(tiny_pipeline, out), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {last} after epoch {killed_after}" in r.stdout
+    report = json.loads((out / "train.json").read_text())
+    assert report["resumed_from_epoch"] == killed_after
+    assert report["best_epoch"] == whole["best_epoch"] and report["val_map50"] == whole["val_map50"]
+    assert same_weights(out / "models/model.pt", tmp_path / "whole/models/model.pt")
+    # The curves cover every epoch, the interrupted ones included.
+    loss_tsv = out / "live/plots/metrics/train/loss.tsv"
+    assert len(loss_tsv.read_text().splitlines()) == epochs + 1
+    assert not last.exists()
+
+
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tiny_pipeline, tmp_path,
+                                                                                  monkeypatch):
+    calls = {"n": 0}
+    real = train.focal_loss
+    steps_per_epoch = None
+
+    def poisoned(logits, heat):
+        calls["n"] += 1
+        loss = real(logits, heat)
+        return loss * float("nan") if calls["n"] == steps_per_epoch + 2 else loss
+
+    d, p = tiny_pipeline
+    steps_per_epoch = len(Dataset.load(d / "augmented").images) // p.train.batch_size
+    monkeypatch.setattr(train, "focal_loss", poisoned)
+    with pytest.raises(train.TrainingDiverged, match=r"at epoch 1, step 1 .*kept the last good checkpoints: .*last\.pt "
+                                                      r"\(epoch 0\)"):
+        run_train(tiny_pipeline, tmp_path, epochs=3)
+    last = tmp_path / "models/checkpoints/last.pt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    checkpoint.load(tmp_path / "models/model.pt")  # the best model so far is intact
+    assert not (tmp_path / "live").exists(), "no half-written learning curves"
+
+    # The kept resume point is used only by a run with the same params; a changed lr starts over.
+    monkeypatch.setattr(train, "focal_loss", real)
+    changed = run_train(tiny_pipeline, tmp_path, epochs=3, lr=p.train.lr / 2)
+    assert changed["resumed_from_epoch"] is None
+
+
+def test_incompatible_resume_point_is_ignored_saying_which_keys_differ(tiny_pipeline, tmp_path, capsys):
+    d, p = tiny_pipeline
+    last = tmp_path / "models/checkpoints/last.pt"
+    fp = train.fingerprint(dataclasses.replace(p.train, lr=0.5), p.seed, p.classes, d / "augmented", [], 1)
+    net = train.Detector(train.DetectorConfig(num_classes=6, width=p.train.model.width))
+    opt = torch.optim.AdamW(net.parameters())
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.5, total_steps=10)
+    train.save_resume(last, fp, net, opt, sched, 0, 0.1, 0, [{"train/loss": 1.0}], [1.0])
+    summary = run_train(tiny_pipeline, tmp_path)
+    out = capsys.readouterr().out
+    assert "not resuming" in out and f"train.lr (0.5 -> {p.train.lr})" in out
+    assert summary["resumed_from_epoch"] is None
+
+
+def test_checkpoint_from_another_config_is_refused_naming_the_keys(tiny_pipeline, tmp_path):
+    run_train(tiny_pipeline, tmp_path, epochs=1)
+    model = tmp_path / "models/model.pt"
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"keys differ: classes"):
+        checkpoint.load(model, expect={"classes": ["open", "short"]})
+    ckpt = torch.load(model, weights_only=True)
+    ckpt["model_config"]["depth"] = 3
+    torch.save(ckpt, tmp_path / "future.pt")
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"unknown \['depth'\]"):
+        checkpoint.load(tmp_path / "future.pt")
+    del ckpt["model_config"]["depth"]
+    ckpt["model_config"]["width"] += 8
+    torch.save(ckpt, tmp_path / "wider.pt")
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"weights do not fit"):
+        checkpoint.load(tmp_path / "wider.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match="not a readable"):
+        checkpoint.load(tmp_path / "junk.pt")
+
+
+def test_evaluate_stage_refuses_a_model_trained_for_other_classes(tiny_pipeline, tmp_path):
+    from conftest import TINY, merge, write_params
+    d, _ = tiny_pipeline
+    run_train(tiny_pipeline, tmp_path, epochs=1)
+    write_params(tmp_path / "params.yaml", merge(TINY, {"classes": list(tiny_pipeline[1].classes) + ["missing-hole"]}))
+    r = subprocess.run([sys.executable, str(ROOT / "src/stages/evaluate.py"), "--params", str(tmp_path / "params.yaml"),
+                        "--model", str(tmp_path / "models/model.pt"), "--clean", str(d / "clean"), "--split",
+                        str(d / "split"), "--metrics", str(tmp_path / "metrics.json"), "--plots",
+                        str(tmp_path / "plots")], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "keys differ: classes" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_ddp_two_cpu_processes_under_torchrun(tiny_pipeline, tmp_path):
+    out = tmp_path / "ddp"
+    write_stage_params(tiny_pipeline, out, epochs=2, device="cpu")
+    env = dict(os.environ, PCB_AOI_TORCHRUN="--standalone --nproc-per-node 2")
+    r = subprocess.run(stage_cmd(tiny_pipeline, out), capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "train.json").read_text())
+    assert report["processes"] == 2 and report["device"] == "cpu"
+    checkpoint.load(out / "models/model.pt")
+    assert len((out / "live/plots/metrics/train/loss.tsv").read_text().splitlines()) == 3
+
+
+def test_device_auto_falls_back_to_cpu_and_cuda_without_gpu_says_so():
+    assert train.resolve_device("cpu").type == "cpu"
+    if torch.cuda.is_available():
+        assert train.resolve_device("auto").type == "cuda"
+    else:
+        assert train.resolve_device("auto").type == "cpu"
+        with pytest.raises(ValueError, match="train.device: cuda requested"):
+            train.resolve_device("cuda")
