@@ -84,6 +84,8 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     crop_size: int = 160  # random training crops (fully convolutional model); 0 = full image
+    flip_rotate: bool = False  # random flips and 90-degree turns of each crop, every epoch
+    scale_jitter: float = 0.0  # random rescale by 1 +- this before cropping; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = all cores
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the GPU when torch sees one
     val_every: int = 1  # validate every N epochs (and after the last)
@@ -198,6 +200,10 @@ def _validate(p: Params) -> None:
         raise ConfigError("split.val_fraction + split.test_fraction must be between 0 and 1")
     if p.train.model.stride not in (4, 8):
         raise ConfigError(f"train.model.stride: {p.train.model.stride} is not allowed; expected 4 or 8")
+    if not 0 <= p.train.scale_jitter < 1:
+        raise ConfigError(f"train.scale_jitter: {p.train.scale_jitter} must be in [0, 1)")
+    if (p.train.flip_rotate or p.train.scale_jitter) and not p.train.crop_size:
+        raise ConfigError("train.flip_rotate / train.scale_jitter need train.crop_size > 0")
     for key, v in {"train.crop_size": p.train.crop_size}.items():
         if v % 32:
             raise ConfigError(f"{key}: {v} must be a multiple of 32 (0 = full image)")

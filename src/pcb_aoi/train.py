@@ -50,15 +50,22 @@ class PairDataset(torch.utils.data.Dataset):
     The crop of item ``i`` in epoch ``e`` depends only on (seed, e, i): call ``set_epoch`` first.
     """
 
-    def __init__(self, ds: Dataset, classes: tuple[str, ...], use_template: bool, crop: int, seed: int):
+    def __init__(self, ds: Dataset, classes: tuple[str, ...], use_template: bool, crop: int, seed: int,
+                 flip_rotate: bool = False, scale_jitter: float = 0.0):
         self.ds, self.rows = ds, list(ds.images.itertuples(index=False))
         self.gt = ds.annotations([r.image_id for r in self.rows], classes)
         self.use_template, self.seed, self.epoch = use_template, seed, 0
         self.crop = None
         if crop:
+            steps = []
+            if scale_jitter:  # boards differ in trace width and defect size
+                steps.append(A.Affine(scale=(1 - scale_jitter, 1 + scale_jitter), fill=255, p=1.0))
             # Crops that hold at least one defect: most of the signal at a fraction of the compute.
-            self.crop = A.Compose([A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=255),
-                                   A.AtLeastOneBBoxRandomCrop(crop, crop)],
+            steps += [A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=255),
+                      A.AtLeastOneBBoxRandomCrop(crop, crop)]
+            if flip_rotate:  # a new orientation every epoch (the augment stage's copies are fixed)
+                steps += [A.HorizontalFlip(), A.VerticalFlip(), A.RandomRotate90()]
+            self.crop = A.Compose(steps,
                                   bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"],
                                                            min_visibility=0.5),
                                   additional_targets={"template": "image"}, seed=seed)
@@ -212,7 +219,7 @@ def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_di
     net = Detector(DetectorConfig(num_classes=len(classes), in_channels=3 if use_template else 1,
                                   width=cfg.model.width, stride=cfg.model.stride)).to(device)
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
-    data = PairDataset(train_ds, classes, use_template, cfg.crop_size, seed)
+    data = PairDataset(train_ds, classes, use_template, cfg.crop_size, seed, cfg.flip_rotate, cfg.scale_jitter)
     drop_last = len(data) >= cfg.batch_size
     sampler = torch.utils.data.DistributedSampler(data, ddp.world, ddp.rank, shuffle=True, seed=seed,
                                                   drop_last=drop_last)
