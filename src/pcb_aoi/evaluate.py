@@ -1,8 +1,9 @@
 """evaluate: score the trained model on the test split (boards never seen in training).
 
 Writes the metrics (COCO mAP, mAP@0.5, mAP@0.33 = DeepPCB's protocol, per-class AP50 and recall
-at the operating threshold, escape rate) and DVC plots: precision-recall curves per class and a
-confusion matrix (``background`` = missed defect / false alarm).
+at the operating threshold, escape rate) and DVC plots: precision-recall curves per class, a
+confusion matrix (``background`` = missed defect / false alarm) and overlay pictures of true and
+predicted defects (``overlays``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import checkpoint
+from . import checkpoint, overlays
 from .config import EvaluateConfig
 from .dataset import Dataset, atomic_dir, split_ids, write_json
 from .inference import Runner, predict, torch_runner
@@ -51,7 +52,7 @@ def score(runner: Runner, ds: Dataset, ids: list[str], classes: tuple[str, ...],
     names = list(classes) + ["background"]
     cells = [{"actual": names[i], "predicted": names[j]}
              for i in range(len(names)) for j in range(len(names)) for _ in range(confusion[i, j])]
-    return metrics, {"pr": coco["pr"], "confusion": cells}
+    return metrics, {"pr": coco["pr"], "confusion": cells, "gt": gt, "preds": preds}
 
 
 def run(cfg: EvaluateConfig, model_path: str | Path, clean_dir: str | Path, split_dir: str | Path,
@@ -59,9 +60,12 @@ def run(cfg: EvaluateConfig, model_path: str | Path, clean_dir: str | Path, spli
     model, ckpt = checkpoint.load(model_path, expect={"classes": list(classes)} if classes else None)
     classes = tuple(ckpt["classes"])
     ds = Dataset.load(clean_dir)
-    metrics, plots = score(torch_runner(model), ds, test_ids(split_dir), classes,
-                           ckpt["input_spec"]["use_template"], cfg.score_threshold)
+    ids = test_ids(split_dir)
+    metrics, plots = score(torch_runner(model), ds, ids, classes, ckpt["input_spec"]["use_template"],
+                           cfg.score_threshold)
     with atomic_dir(plots_dir) as tmp:
+        overlays.write(tmp / "overlays", ds, ids, plots["gt"], plots["preds"], classes, cfg.score_threshold,
+                       cfg.overlay_samples, cfg.overlay_worst)
         (tmp / "pr").mkdir()
         for c, rows in plots["pr"].items():
             pd.DataFrame(rows, columns=["recall", "precision"]).to_csv(tmp / "pr" / f"{c}.csv", index=False)

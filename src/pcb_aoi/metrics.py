@@ -80,9 +80,35 @@ def coco_metrics(gt: Annotations, pred: Annotations, classes: tuple[str, ...]) -
     }
 
 
+def match(pred_boxes: np.ndarray, pred_scores: np.ndarray, gt_boxes: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """Greedy matching by score, whatever the classes: for each prediction (N,), the index of the
+    ground-truth box (M, 4) it matches at IoU >= ``iou``, or -1. A ground-truth box matches once."""
+    out = np.full(len(pred_boxes), -1)
+    if not len(pred_boxes) or not len(gt_boxes):
+        return out
+    ious = box_iou(torch.tensor(pred_boxes, dtype=torch.float32), torch.tensor(gt_boxes, dtype=torch.float32)).numpy()
+    matched = np.zeros(len(gt_boxes), bool)
+    for i in np.argsort(-np.asarray(pred_scores), kind="stable"):
+        cand = np.where(matched, -1.0, ious[i])
+        j = int(cand.argmax())
+        if cand[j] >= iou:
+            matched[j] = True
+            out[i] = j
+    return out
+
+
+def above(p: dict[str, np.ndarray], score_threshold: float) -> dict[str, np.ndarray]:
+    """The detections of one image scoring at least ``score_threshold``."""
+    keep = p["scores"] >= score_threshold
+    return {k: p[k][keep] for k in ("boxes", "scores", "labels")}
+
+
+NO_DETECTIONS = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, int)}
+
+
 def operating_point(gt: Annotations, pred: Annotations, n_classes: int, score_threshold: float,
                     iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Greedy matching by score at ``score_threshold``.
+    """Greedy matching by score at ``score_threshold`` (see ``match``).
 
     Returns (found per class (K,), total per class (K,), confusion (K+1, K+1)) where confusion rows
     are ground truth, columns predictions, and index K is background (missed / false alarm).
@@ -91,22 +117,16 @@ def operating_point(gt: Annotations, pred: Annotations, n_classes: int, score_th
     total = np.zeros(n_classes, int)
     confusion = np.zeros((n_classes + 1, n_classes + 1), int)
     for image_id, g in gt.items():
-        p = pred.get(image_id, {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, int)})
-        keep = p["scores"] >= score_threshold
-        pb, pl, ps = p["boxes"][keep], p["labels"][keep], p["scores"][keep]
+        p = above(pred.get(image_id, NO_DETECTIONS), score_threshold)
         gl = np.asarray(g["labels"], int)
         np.add.at(total, gl, 1)
-        ious = box_iou(torch.tensor(pb, dtype=torch.float32), torch.tensor(g["boxes"], dtype=torch.float32)).numpy()
-        matched = np.zeros(len(gl), bool)
-        for i in np.argsort(-ps, kind="stable"):
-            cand = np.where(matched, -1.0, ious[i]) if len(gl) else np.zeros(0)
-            j = int(cand.argmax()) if len(cand) else -1
-            if j >= 0 and cand[j] >= iou:
-                matched[j] = True
-                confusion[gl[j], int(pl[i])] += 1
-                found[gl[j]] += int(gl[j] == pl[i])
+        to_gt = match(p["boxes"], p["scores"], g["boxes"], iou)
+        for label, j in zip(p["labels"].astype(int), to_gt):
+            if j >= 0:
+                confusion[gl[j], label] += 1
+                found[gl[j]] += int(gl[j] == label)
             else:
-                confusion[n_classes, int(pl[i])] += 1  # false alarm
-        for j in np.flatnonzero(~matched):
+                confusion[n_classes, label] += 1  # false alarm
+        for j in np.setdiff1d(np.arange(len(gl)), to_gt):
             confusion[gl[j], n_classes] += 1  # escape
     return found, total, confusion

@@ -1,6 +1,13 @@
 """DVC stage `evaluate`: score the checkpoint on the test split: COCO mAP, mAP@0.5, mAP@0.33 (DeepPCB
-protocol), per-class AP50/recall, escape rate; PR curves and confusion matrix as DVC plots."""
+protocol), per-class AP50/recall, escape rate; PR curves, confusion matrix and overlay pictures of true and predicted
+defects (a fixed sample and the worst misses / false alarms) as DVC plots."""
 import argparse
+import sys
+from pathlib import Path
+
+# Import the library beside this file, not an installed copy: `dvc exp run --temp/--queue` runs the stage
+# in a copy of the repo, and must run the copy's code (the code its dvc.lock records).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcb_aoi import evaluate
 from pcb_aoi.cli import run_stage
@@ -11,6 +18,6 @@ if __name__ == "__main__":
     ap.add_argument("--clean", required=True, help="clean dataset folder")
     ap.add_argument("--split", required=True, help="folder holding split.parquet")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
-    ap.add_argument("--plots", required=True, help="folder for PR-curve and confusion-matrix data")
+    ap.add_argument("--plots", required=True, help="folder for PR-curve and confusion-matrix data and overlays/")
     run_stage(ap, lambda p, a: evaluate.run(p.evaluate, a.model, a.clean, a.split, a.metrics, a.plots,
                                             classes=p.classes))
