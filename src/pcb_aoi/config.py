@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 CLASSES: tuple[str, ...] = ("open", "short", "mousebite", "spur", "copper", "pin-hole")
+MAX_OVERLAYS = 100  # overlay PNGs live in git (reports/plots): keep their number bounded
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     score_threshold: float = 0.3  # operating point for recall and the confusion matrix
+    overlay_samples: int = 8  # test images drawn with true and predicted boxes, the same ones every run
+    overlay_worst: int = 8  # and the test images with the most misses, then false alarms
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,32 @@ def _validate(p: Params) -> None:
         raise ConfigError(f"train.scale_jitter: {p.train.scale_jitter} must be in [0, 1)")
     if (p.train.flip_rotate or p.train.scale_jitter) and not p.train.crop_size:
         raise ConfigError("train.flip_rotate / train.scale_jitter need train.crop_size > 0")
+    inf = float("inf")
+    s, a = p.ingest.synthetic, p.augment
+    ranges = {  # key: (value, lowest, highest allowed), inclusive; the ranges params.yaml documents
+        "ingest.synthetic.max_shift_px": (s.max_shift_px, 0, inf),
+        "ingest.synthetic.noise_std": (s.noise_std, 0, inf),
+        "ingest.synthetic.jpeg_quality[0]": (s.jpeg_quality[0], 1, s.jpeg_quality[1]),
+        "ingest.synthetic.jpeg_quality[1]": (s.jpeg_quality[1], s.jpeg_quality[0], 95),
+        "etl.min_box_px": (p.etl.min_box_px, 0, inf),
+        "etl.tile_min_visibility": (p.etl.tile_min_visibility, 0, 1),
+        "split.val_fraction": (p.split.val_fraction, 0, 1),
+        "split.test_fraction": (p.split.test_fraction, 0, 1),
+        "augment.copies": (a.copies, 0, inf),
+        **{f"augment.{k}": (getattr(a, k), 0, 1) for k in ("hflip_p", "vflip_p", "rot90_p", "brightness_contrast_p", "noise_p")},
+        "evaluate.score_threshold": (p.evaluate.score_threshold, 0, 1),
+        "evaluate.overlay_samples": (p.evaluate.overlay_samples, 0, MAX_OVERLAYS),
+        "evaluate.overlay_worst": (p.evaluate.overlay_worst, 0, MAX_OVERLAYS),
+        "export.opset": (p.export.opset, 17, inf),
+        "export.parity_images": (p.export.parity_images, 1, inf),
+        "export.parity_atol": (p.export.parity_atol, 0, inf),
+        "benchmark.warmup": (p.benchmark.warmup, 0, inf),
+        "benchmark.batch_size": (p.benchmark.batch_size, 1, inf),
+        "benchmark.threads": (p.benchmark.threads, 0, inf),
+    }
+    for key, (v, lo, hi) in ranges.items():
+        if not lo <= v <= hi:
+            raise ConfigError(f"{key}: {v} is out of range; allowed {lo}..{hi if hi < inf else 'any'}")
     for key, v in {"train.crop_size": p.train.crop_size}.items():
         if v % 32:
             raise ConfigError(f"{key}: {v} must be a multiple of 32 (0 = full image)")
