@@ -1,6 +1,12 @@
 """DVC stage `benchmark`: latency (p50/p95), throughput, size and mAP@0.5 of PyTorch eager vs ONNX
 Runtime on this machine, written as DVC metrics with a `variants` list."""
 import argparse
+import sys
+from pathlib import Path
+
+# Import the library beside this file, not an installed copy: `dvc exp run --temp/--queue` runs the stage
+# in a copy of the repo, and must run the copy's code (the code its dvc.lock records).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcb_aoi import benchmark
 from pcb_aoi.cli import run_stage

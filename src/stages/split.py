@@ -1,5 +1,11 @@
 """DVC stage `split`: train/val/test by board (no board in two splits), stratified by defect class."""
 import argparse
+import sys
+from pathlib import Path
+
+# Import the library beside this file, not an installed copy: `dvc exp run --temp/--queue` runs the stage
+# in a copy of the repo, and must run the copy's code (the code its dvc.lock records).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcb_aoi import split
 from pcb_aoi.cli import run_stage
