@@ -165,7 +165,7 @@ def review(base: str, head: str, out: Path, metrics_path: str, overlays: str) ->
     head_label = WORKSPACE if head_sha is None else f"head `{head}` ({head_sha[:7]})"
     base_m = load_metrics(root, base_sha, base_label, metrics_path)
     head_m = load_metrics(root, head_sha, head_label, metrics_path)
-    revs = [base_sha] + ([head_sha] if head_sha else [])
+    revs = [base] + ([head] if head_sha else [])  # names as given: readable dvc diff columns
 
     table, worse = summary_md(base_m, head_m, "base", "head")
     params = dvc("params", "diff", *revs, "--md", cwd=root).strip()
@@ -194,7 +194,7 @@ def review(base: str, head: str, out: Path, metrics_path: str, overlays: str) ->
     return md
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pcb-aoi-review", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="git revision to compare against (branch, tag, sha)")
@@ -203,7 +203,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="folder for review.md, plots/ and side_by_side/ (replaced; default: %(default)s)")
     ap.add_argument("--metrics", default="reports/metrics.json", help="evaluate's metrics file (default: %(default)s)")
     ap.add_argument("--overlays", default="reports/plots/overlays", help="evaluate's overlay folder (default: %(default)s)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     try:
         print(review(args.base, args.head, args.out, args.metrics, args.overlays))
     except ReviewError as e:
