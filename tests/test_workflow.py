@@ -5,7 +5,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 
 import pytest
 import yaml
@@ -49,6 +48,7 @@ def test_workflow_triggers_on_pull_requests_and_may_comment():
 
 
 def test_workflow_runs_only_commands_that_exist():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+ (tomllib)")
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     dvc_commands = set()
     for words in commands():
