@@ -75,10 +75,9 @@ def read(root: Path, rev: str | None, path: str) -> bytes | None:
         return p.read_bytes() if p.is_file() else None
     from dvc.api import DVCFileSystem
 
-    fs = DVCFileSystem(str(root), rev=rev)
     try:
-        return fs.read_bytes(path)
-    except Exception:  # FileNotFoundError, or DVC data missing from the cache: treated the same
+        return DVCFileSystem(str(root), rev=rev).read_bytes(path)
+    except Exception:  # no such file, no DVC at that revision, DVC data not in the cache: all "missing"
         return None
 
 
@@ -88,10 +87,9 @@ def list_files(root: Path, rev: str | None, folder: str) -> list[str]:
         return sorted(str(p.relative_to(root)) for p in base.rglob("*.png")) if base.is_dir() else []
     from dvc.api import DVCFileSystem
 
-    fs = DVCFileSystem(str(root), rev=rev)
     try:
-        return sorted(p.lstrip("/") for p in fs.find(folder) if p.endswith(".png"))
-    except FileNotFoundError:
+        return sorted(p.lstrip("/") for p in DVCFileSystem(str(root), rev=rev).find(folder) if p.endswith(".png"))
+    except Exception:  # as in read(): nothing to list
         return []
 
 
@@ -131,7 +129,8 @@ def summary_md(base_m: dict, head_m: dict, base_label: str, head_label: str) -> 
         cell, bad = delta(base_m.get(key), head_m.get(key), better)
         worse += [name] if bad else []
         lines.append(f"| {name} | {fmt(base_m.get(key))} | {fmt(head_m.get(key))} | {cell} |")
-    thr = head_m.get("score_threshold")
+    thr, base_thr = head_m.get("score_threshold"), base_m.get("score_threshold")
+    thr = f"{thr}" if thr == base_thr else f"{thr}, base: ≥ {base_thr}"
     lines += ["", f"**Recall per class** (test split, IoU 0.5, score ≥ {thr}; 🔻 in bold = a class the new model "
                   f"finds less often)", "",
               f"| class | boxes | {base_label} | {head_label} | change |", "|---|---:|---:|---:|---:|"]
