@@ -205,6 +205,10 @@ def test_cli_refuses_a_file_that_is_not_our_onnx(no_torch_env, tmp_path):
     assert r.returncode == 2 and "other.onnx: ONNX model without pcb-aoi metadata" in r.stderr
     r = detect(no_torch_env, "--model", tmp_path / "absent.onnx", tmp_path / "x.png")
     assert r.returncode == 2 and "absent.onnx: model file not found" in r.stderr
+    import onnxruntime
+    if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
+        r = detect(no_torch_env, "--model", tmp_path / "other.onnx", tmp_path / "x.png", "--provider", "tensorrt")
+        assert r.returncode == 2 and "execution provider 'tensorrt' is not available" in r.stderr
 
 
 def wait_for(cond, timeout=60.0):

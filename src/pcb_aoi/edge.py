@@ -24,6 +24,10 @@ CONTRACT_KEY, CONTRACT_FORMAT = "pcb_aoi_contract", "pcb-aoi-onnx/1"
 REFUSED_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # >8-bit: no faithful grey conversion
 
 
+PROVIDERS = {"cpu": "CPUExecutionProvider", "openvino": "OpenVINOExecutionProvider",
+             "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
 class EdgeError(ValueError):
     """Bad input for the edge app (model, image or template); the message names the file."""
 
@@ -118,15 +122,21 @@ class Detection:
 class EdgeModel:
     """An exported pcb-aoi ONNX model and its contract; ``detect`` takes grey uint8 arrays."""
 
-    def __init__(self, path: str | Path, threads: int = 0, providers: list[str] | None = None):
+    def __init__(self, path: str | Path, threads: int = 0, provider: str = "cpu"):
         path = Path(path)
         if not path.is_file():
             raise EdgeError(f"{path}: model file not found")
+        if PROVIDERS.get(provider) not in ort.get_available_providers():
+            have = [k for k, v in PROVIDERS.items() if v in ort.get_available_providers()]
+            raise EdgeError(f"execution provider {provider!r} is not available in this onnxruntime (available: "
+                            f"{', '.join(have)}); e.g. pip install onnxruntime-openvino (instead of onnxruntime) "
+                            "for openvino, onnxruntime-gpu for cuda/tensorrt")
+        providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:
             raise EdgeError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map

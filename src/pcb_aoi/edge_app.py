@@ -35,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .edge import EdgeError, EdgeModel, read_grey
+from .edge import PROVIDERS, EdgeError, EdgeModel, read_grey
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", "~")
@@ -242,6 +242,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--template-wait", type=float, default=30.0, help="folder mode: seconds to wait for the "
                     "X_temp file of an X_test file before recording an error (%(default)s)")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads, 0 = all cores")
+    ap.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS), help="ONNX Runtime execution provider "
+                    "(%(default)s); openvino needs onnxruntime-openvino, cuda/tensorrt onnxruntime-gpu")
     args = ap.parse_args(argv)
     if args.template and args.template_dir:
         ap.error("give --template or --template-dir, not both")
@@ -257,7 +259,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        det = Detector(EdgeModel(args.model, threads=args.threads), args)
+        det = Detector(EdgeModel(args.model, threads=args.threads, provider=args.provider), args)
         if args.watch:
             return watch(det, args.watch, args.out_dir, args)
         return run_files(det, args.images, args.out)
