@@ -273,3 +273,4 @@ def test_watch_mode_processes_new_files_once_and_resumes_after_sigterm(models, n
     for n in ("a", "b", "d"):
         per_image = json.loads((out / f"{n}_test.png.json").read_text())
         assert per_image["status"] == "ok" and per_image["detections"]
+    assert "not a readable image" in json.loads((out / "c_test.png.json").read_text())["error"]

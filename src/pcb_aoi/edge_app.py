@@ -213,9 +213,8 @@ def watch(det: Detector, in_dir: Path, out_dir: Path, args: argparse.Namespace) 
                 if tpl is not None and not tpl.is_file() and now - waiting.setdefault(p.name, now) < args.template_wait:
                     continue  # the pair's template may still be on its way
             record = det.process(p)
-            if record["status"] == "ok":
-                write_atomic(out_dir / f"{p.name}.json", (json.dumps(record, indent=1) + "\n").encode())
-            journal.add(record)
+            write_atomic(out_dir / f"{p.name}.json", (json.dumps(record, indent=1) + "\n").encode())
+            journal.add(record)  # after the result file: a crash in between redoes the image, never loses it
             processed += 1
         stop.wait(args.poll)
     log(f"stopped; {processed} image(s) processed in this run")
