@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY, copy_project, merge, write_params
 
 TINY_CLASSES = ["open", "short", "mousebite", "spur", "copper", "pin-hole"]
-STAGES = ["ingest", "etl", "split", "augment", "train", "evaluate", "export_onnx", "benchmark"]
+STAGES = ["ingest", "etl", "split", "augment", "train", "evaluate", "export_onnx", "quantize", "benchmark"]
 
 
 def sh(repo, *cmd, check=True):
@@ -52,10 +52,13 @@ def test_repro_writes_every_report(repo):
     ingest = json.loads((repo / "reports/ingest.json").read_text())
     assert ingest["images"] == 15 and ingest["boxes"] == sum(ingest["per_class"].values())
     bench = json.loads((repo / "reports/benchmark.json").read_text())
-    assert [v["format"] for v in bench["variants"]] == ["pytorch-eager-fp32", "onnxruntime-fp32"]
+    assert [v["format"] for v in bench["variants"]] == ["pytorch-eager-fp32", "onnxruntime-fp32", "onnxruntime-int8"]
     for v in bench["variants"]:
         assert {"format", "size_mb", "ms_p50", "ms_p95", "fps", "map50"} <= set(v) and v["ms_p95"] >= v["ms_p50"] > 0
-    assert json.loads((repo / "reports/export.json").read_text())["same_detections"] is True
+    export = json.loads((repo / "reports/export.json").read_text())
+    assert export["same_detections"] is True and export["end_to_end"]["same_detections"] is True
+    quant = json.loads((repo / "reports/quantize.json").read_text())
+    assert quant["map50_drop"] <= quant["max_map50_drop"] and (repo / "models/model.int8.onnx").is_file()
     assert (repo / "reports/plots/confusion.csv").is_file() and (repo / "reports/plots/pr/open.csv").is_file()
     assert (repo / "reports/live/plots/metrics/val/map50.tsv").is_file()
 
@@ -85,7 +88,7 @@ def test_deps_are_complete(repo):
 
 def test_train_param_reruns_train_and_what_follows(repo):
     set_params(repo, {"train": {"epochs": 3}})
-    assert ran(sh(repo, "dvc", "repro").stdout) == ["train", "evaluate", "export_onnx", "benchmark"]
+    assert ran(sh(repo, "dvc", "repro").stdout) == ["train", "evaluate", "export_onnx", "quantize", "benchmark"]
     assert json.loads((repo / "reports/train.json").read_text())["epochs"] == 3
 
 

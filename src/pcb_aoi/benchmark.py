@@ -62,7 +62,7 @@ def time_variant(runner: Runner, ds: Dataset, rows: list, use_template: bool, cf
 
 
 def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, clean_dir: str | Path,
-        split_dir: str | Path, out: str | Path) -> dict:
+        split_dir: str | Path, out: str | Path, int8_path: str | Path | None = None) -> dict:
     threads = cfg.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     model, ckpt = checkpoint.load(model_path)
@@ -71,8 +71,11 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
     ids = test_ids(split_dir)
     rows = ds.rows(ids)
     variants = []
-    for fmt, runner, path in (("pytorch-eager-fp32", torch_runner(model), model_path),
-                              ("onnxruntime-fp32", ort_runner(ort_session(onnx_path, threads)), onnx_path)):
+    runs = [("pytorch-eager-fp32", torch_runner(model), model_path),
+            ("onnxruntime-fp32", ort_runner(ort_session(onnx_path, threads)), onnx_path)]
+    if int8_path:
+        runs.append(("onnxruntime-int8", ort_runner(ort_session(int8_path, threads)), int8_path))
+    for fmt, runner, path in runs:
         metrics, _ = score(runner, ds, ids, classes, use_template, 0.5)
         variants.append({"format": fmt, "size_mb": round(Path(path).stat().st_size / 2**20, 3),
                          **time_variant(runner, ds, rows, use_template, cfg), "map50": metrics["map50"]})
@@ -83,5 +86,7 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
         "variants": variants,
         "ort_vs_torch_speedup": round(by["pytorch-eager-fp32"]["ms_p50"] / by["onnxruntime-fp32"]["ms_p50"], 3),
     }
+    if int8_path:
+        report["int8_vs_fp32_speedup"] = round(by["onnxruntime-fp32"]["ms_p50"] / by["onnxruntime-int8"]["ms_p50"], 3)
     write_json(out, report)
     return report

@@ -109,6 +109,15 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class QuantizeConfig:
+    calibration_images: int = 32  # training images (original + augmented) the activation ranges come from
+    calibration: Literal["minmax", "percentile"] = "minmax"  # how ranges are taken from them
+    op_types: tuple[str, ...] = ("Conv", "Add", "Relu", "Resize")  # ONNX ops to quantize
+    keep_float: tuple[str, ...] = ()  # nodes whose name contains one of these stay float
+    max_map50_drop: float = 0.005  # accuracy gate: test mAP@0.5 FP32 - INT8 at most this
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
     warmup: int = 5
     runs: int = 50
@@ -127,6 +136,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
@@ -244,6 +254,7 @@ def _validate(p: Params) -> None:
         "train.lr": p.train.lr,
         "train.val_every": p.train.val_every,
         "benchmark.runs": p.benchmark.runs,
+        "quantize.calibration_images": p.quantize.calibration_images,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -255,6 +266,8 @@ def _validate(p: Params) -> None:
         raise ConfigError(f"ingest.class_map: maps to unknown class(es) {bad}; known: {list(p.classes)}")
     if p.etl.tile_size and (p.etl.tile_size % 32 or p.etl.tile_overlap >= p.etl.tile_size):
         raise ConfigError("etl.tile_size must be a multiple of 32 and larger than etl.tile_overlap")
+    if not 0 <= p.quantize.max_map50_drop <= 1:
+        raise ConfigError(f"quantize.max_map50_drop: {p.quantize.max_map50_drop} must be in [0, 1] (mAP is 0..1)")
     if p.ingest.synthetic.image_size % 32:
         raise ConfigError("ingest.synthetic.image_size must be a multiple of 32")
 

@@ -1,5 +1,5 @@
 """DVC stage `benchmark`: latency (p50/p95), throughput, size and mAP@0.5 of PyTorch eager vs ONNX
-Runtime on this machine, written as DVC metrics with a `variants` list."""
+Runtime FP32 (and INT8) on this machine, written as DVC metrics with a `variants` list."""
 import argparse
 import sys
 from pathlib import Path
@@ -15,7 +15,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True, help="checkpoint written by train")
     ap.add_argument("--onnx", required=True, help="ONNX model written by export_onnx")
+    ap.add_argument("--int8", help="INT8 ONNX model written by quantize (benchmarked too when given)")
     ap.add_argument("--clean", required=True, help="clean dataset folder")
     ap.add_argument("--split", required=True, help="folder holding split.parquet")
     ap.add_argument("--out", required=True, help="benchmark JSON to write")
-    run_stage(ap, lambda p, a: benchmark.run(p.benchmark, a.model, a.onnx, a.clean, a.split, a.out))
+    run_stage(ap, lambda p, a: benchmark.run(p.benchmark, a.model, a.onnx, a.clean, a.split, a.out, a.int8))

@@ -1,5 +1,8 @@
-"""DVC stage `export_onnx`: export the checkpoint to ONNX (dynamic batch), run onnx.checker, and fail
-unless ONNX Runtime matches PyTorch on held-out test images within `export.parity_atol`."""
+"""DVC stage `export_onnx`: export the checkpoint to ONNX twice (raw maps, and end to end with decoding
+and NMS in the graph), both with dynamic batch and the preprocessing contract as metadata; run
+onnx.checker, and fail unless ONNX Runtime matches PyTorch on held-out test images (raw outputs within
+`export.parity_atol`, same detections). The default score threshold stored in the metadata is
+`evaluate.score_threshold`."""
 import argparse
 import sys
 from pathlib import Path
@@ -17,5 +20,7 @@ if __name__ == "__main__":
     ap.add_argument("--model", required=True, help="checkpoint written by train")
     ap.add_argument("--clean", required=True, help="clean dataset folder")
     ap.add_argument("--split", required=True, help="folder holding split.parquet (parity uses test images)")
-    ap.add_argument("--out", required=True, help="ONNX file to write")
-    run_stage(ap, lambda p, a: export.run(p.export, a.model, a.clean, test_ids(a.split), a.out))
+    ap.add_argument("--out", required=True, help="ONNX file to write (raw heatmap and box maps)")
+    ap.add_argument("--out-e2e", help="ONNX file to write with decoding + NMS in the graph (final detections)")
+    run_stage(ap, lambda p, a: export.run(p.export, a.model, a.clean, test_ids(a.split), a.out, a.out_e2e,
+                                          p.evaluate.score_threshold))

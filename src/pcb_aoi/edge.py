@@ -1,0 +1,180 @@
+"""Inference on the edge box: an exported model, numpy, ONNX Runtime and Pillow; no PyTorch.
+
+Reads the preprocessing contract the export stage stores in the ONNX metadata
+(``pcb_aoi_contract``) and reproduces ``pcb_aoi.inference`` exactly: grey uint8 images, channels
+``test/255, template/255, (test - template)/255``, padded bottom/right to a multiple of 32 with
+1.0 / 1.0 / 0.0. An end-to-end model (``model.e2e.onnx``) returns final detections; for a raw model
+(``model.onnx``, ``model.int8.onnx``) the decoding (sigmoid, 3x3 peaks, top-k, per-class NMS) runs
+here in numpy, as ``inference.decode`` does in torch.
+
+This module must import nothing but the standard library, numpy, onnxruntime and PIL: the
+``pcb-aoi[edge]`` install has no torch (a test enforces it).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+CONTRACT_KEY, CONTRACT_FORMAT = "pcb_aoi_contract", "pcb-aoi-onnx/1"
+REFUSED_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # >8-bit: no faithful grey conversion
+
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "openvino": "OpenVINOExecutionProvider",
+             "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+class EdgeError(ValueError):
+    """Bad input for the edge app (model, image or template); the message names the file."""
+
+
+def read_grey(path: str | Path) -> np.ndarray:
+    """Decode an image file to (H, W) uint8 grey, as ``pcb_aoi.dataset.read_grey`` does (RGB -> L)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in REFUSED_MODES:
+                raise EdgeError(f"{path}: {im.mode} image (16-bit or float); the model expects 8-bit grey, "
+                                "convert it first (e.g. scale to 0..255)")
+            return np.asarray(im.convert("L"))
+    except EdgeError:
+        raise
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        raise EdgeError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def prepare_input(test: np.ndarray, template: np.ndarray | None, contract: dict) -> np.ndarray:
+    """(H, W) uint8 test (and template) -> (C, H', W') float32, H' W' multiples of ``pad_multiple``."""
+    t = test.astype(np.float32) / 255.0
+    if contract["needs_template"]:
+        r = template.astype(np.float32) / 255.0
+        x = np.stack([t, r, t - r])
+    else:
+        x = t[None]
+    m = contract["pad_multiple"]
+    h, w = t.shape
+    pad = ((0, -h % m), (0, -w % m))
+    return np.stack([np.pad(c, pad, constant_values=v) for c, v in zip(x, contract["pad_values"])])
+
+
+def _max_pool3(x: np.ndarray) -> np.ndarray:
+    """3x3 max over each (h, w) map, stride 1, borders padded with -inf (as torch's max_pool2d)."""
+    h, w = x.shape[-2:]
+    p = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    return np.max([p[..., i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=0)
+
+
+def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    x1, y1 = np.maximum(box[0], others[:, 0]), np.maximum(box[1], others[:, 1])
+    x2, y2 = np.minimum(box[2], others[:, 2]), np.minimum(box[3], others[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return inter / (area(box) + area(others) - inter)
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by greedy per-class NMS, in decreasing score (torchvision's batched_nms)."""
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while len(order):
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        same = labels[rest] == labels[i]
+        order = rest[~(same & (_iou(boxes[i], boxes[rest]) > iou))]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def decode(heatmap: np.ndarray, boxes: np.ndarray, score_threshold: float, top_k: int = 100,
+           nms_iou: float = 0.5) -> list[dict[str, np.ndarray]]:
+    """Raw outputs (B, K, h, w) logits and (B, 4, h, w) boxes -> per image {boxes, scores, labels}."""
+    heat = (1.0 / (1.0 + np.exp(-heatmap))).astype(np.float32)
+    peaks = np.where(_max_pool3(heat) == heat, heat, np.float32(0))
+    b, k, h, w = heat.shape
+    flat = peaks.reshape(b, -1)
+    flat_boxes = boxes.reshape(b, 4, -1).transpose(0, 2, 1)  # (B, h*w, 4)
+    out = []
+    for i in range(b):
+        top = np.argsort(-flat[i], kind="stable")[:top_k]
+        top = top[flat[i, top] > score_threshold]
+        bx, sc, lb = flat_boxes[i, top % (h * w)], flat[i, top], top // (h * w)
+        kept = _nms(bx, sc, lb, nms_iou)
+        out.append({"boxes": bx[kept], "scores": sc[kept], "labels": lb[kept].astype(np.int64)})
+    return out
+
+
+@dataclass
+class Detection:
+    cls: str
+    score: float
+    box: list[float]  # x1 y1 x2 y2, image pixels, clipped to the image
+
+    def to_dict(self) -> dict:
+        return {"class": self.cls, "score": round(self.score, 6), "box": [round(v, 2) for v in self.box]}
+
+
+class EdgeModel:
+    """An exported pcb-aoi ONNX model and its contract; ``detect`` takes grey uint8 arrays."""
+
+    def __init__(self, path: str | Path, threads: int = 0, provider: str = "cpu"):
+        path = Path(path)
+        if not path.is_file():
+            raise EdgeError(f"{path}: model file not found")
+        if PROVIDERS.get(provider) not in ort.get_available_providers():
+            have = [k for k, v in PROVIDERS.items() if v in ort.get_available_providers()]
+            raise EdgeError(f"execution provider {provider!r} is not available in this onnxruntime (available: "
+                            f"{', '.join(have)}); e.g. pip install onnxruntime-openvino (instead of onnxruntime) "
+                            "for openvino, onnxruntime-gpu for cuda/tensorrt")
+        providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:
+            raise EdgeError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if CONTRACT_KEY not in meta:
+            raise EdgeError(f"{path}: ONNX model without pcb-aoi metadata ({CONTRACT_KEY}); export it with the "
+                            "export_onnx stage of pcb-aoi (dvc repro export_onnx)")
+        self.contract = json.loads(meta[CONTRACT_KEY])
+        if self.contract.get("format") != CONTRACT_FORMAT:
+            raise EdgeError(f"{path}: contract format {self.contract.get('format')!r}; this app reads "
+                            f"{CONTRACT_FORMAT!r} (update pcb-aoi or re-export the model)")
+        self.path, self.classes = path, self.contract["classes"]
+        self.needs_template = bool(self.contract["needs_template"])
+        self.end_to_end = self.contract["outputs"] == "detections"
+        self.input_name = self.session.get_inputs()[0].name
+
+    def detect(self, test: np.ndarray, template: np.ndarray | None = None, score_threshold: float | None = None,
+               name: str = "image") -> list[Detection]:
+        """Detections on one (H, W) uint8 image (and its template), score above the threshold."""
+        thr = self.contract["score_threshold"] if score_threshold is None else score_threshold
+        if self.needs_template:
+            if template is None:
+                raise EdgeError(f"{name}: no template; this model compares each image with its defect-free "
+                                "template (--template, --template-dir, or X_test/X_temp pairs)")
+            if template.shape != test.shape:
+                raise EdgeError(f"{name}: template is {template.shape[1]}x{template.shape[0]} px, image "
+                                f"{test.shape[1]}x{test.shape[0]} px; they must be the same size")
+        x = prepare_input(test, template, self.contract)[None]
+        outputs = self.session.run(None, {self.input_name: x})
+        if self.end_to_end:
+            boxes, scores, labels = outputs[0], outputs[1], outputs[2]
+            keep = (outputs[3] == 0) & (scores > thr)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        else:
+            d = self.contract["decode"]
+            det = decode(outputs[0], outputs[1], thr, d["top_k"], d["nms_iou"])[0]
+            boxes, scores, labels = det["boxes"], det["scores"], det["labels"]
+        h, w = test.shape
+        boxes = boxes.astype(np.float32).copy()
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        return [Detection(self.classes[int(c)], float(s), [float(v) for v in b]) for b, s, c in zip(boxes, scores, labels)]

@@ -1,0 +1,271 @@
+"""pcb-aoi-detect: find PCB defects with an exported model, on files or on a folder the line fills.
+
+Runs with the light ``pcb-aoi[edge]`` install (numpy, onnxruntime, pillow; no torch).
+
+Files:   pcb-aoi-detect --model model.e2e.onnx a_test.png b_test.png [--out results.jsonl]
+Folder:  pcb-aoi-detect --model model.e2e.onnx --watch incoming/ --out-dir results/
+
+One JSON line per image: ``{"file", "status": "ok", "detections": [{"class", "score", "box"}], "ms"}``
+(box = x1 y1 x2 y2 in image pixels), or ``{"file", "status": "error", "error"}``.
+
+Templates (models that compare with a defect-free board): ``--template T`` for every image (one
+board type on the line), ``--template-dir D`` (the file of the same name in D), or else DeepPCB
+pairs: ``X_test.<ext>`` is compared with ``X_temp.<ext>`` beside it (``*_temp.*`` files are never
+inspected themselves).
+
+Folder mode processes every image that appears in the folder once. ``OUT_DIR/results.jsonl`` is
+the journal: an image listed there (ok or error) is never processed again, also after a restart.
+Per image it also writes ``OUT_DIR/<name>.json`` atomically. Files still being written are left
+alone until their size and time stamp stay the same for ``--settle`` seconds; hidden files and
+``*.tmp``/``*.part`` names are ignored (write ``x.png.tmp`` and rename it, the safe way to drop a
+file). A corrupt image is logged and journaled as an error; the watcher moves on. SIGINT/SIGTERM:
+the current image is finished, then the app exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .edge import PROVIDERS, EdgeError, EdgeModel, read_grey
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", "~")
+JOURNAL = "results.jsonl"
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def is_template_name(path: Path) -> bool:
+    return path.stem.endswith("_temp")
+
+
+def find_template(image: Path, template: Path | None, template_dir: Path | None) -> Path | None:
+    """The template of ``image`` by the conventions in the module docstring; None if there is none."""
+    if template:
+        return template
+    if template_dir:
+        return template_dir / image.name
+    if image.stem.endswith("_test"):
+        base = image.stem.removesuffix("_test") + "_temp"
+        for suffix in [image.suffix, *sorted(IMAGE_SUFFIXES)]:
+            if (image.with_name(base + suffix)).is_file():
+                return image.with_name(base + suffix)
+        return image.with_name(base + image.suffix)
+    return None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_overlay(image: Path, detections: list, out_dir: Path) -> None:
+    with Image.open(image) as im:
+        rgb = im.convert("RGB")
+    draw = ImageDraw.Draw(rgb)
+    for d in detections:
+        draw.rectangle(d.box, outline=(255, 0, 0), width=2)
+        draw.text((d.box[0], max(0.0, d.box[1] - 11)), f"{d.cls} {d.score:.2f}", fill=(255, 0, 0))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{image.stem}.", suffix=".png", dir=out_dir)
+    os.close(fd)
+    rgb.save(tmp, format="PNG")
+    os.replace(tmp, out_dir / f"{image.stem}.overlay.png")
+
+
+class Detector:
+    """The model plus how to find templates and where overlays go; ``process`` -> one JSON record."""
+
+    def __init__(self, model: EdgeModel, args: argparse.Namespace):
+        self.model, self.args = model, args
+        self._templates: dict[tuple, object] = {}
+
+    def template_for(self, image: Path):
+        if not self.model.needs_template:
+            return None
+        path = find_template(image, self.args.template, self.args.template_dir)
+        if path is None:
+            raise EdgeError(f"{image}: no template; this model compares each image with its defect-free template: "
+                            "pass --template or --template-dir, or name pairs X_test.png / X_temp.png")
+        if not path.is_file():
+            raise EdgeError(f"{image}: template {path} not found")
+        key = (str(path), path.stat().st_mtime_ns)
+        if key not in self._templates:  # --template: one decode for the whole run
+            self._templates = {key: read_grey(path)}
+        return self._templates[key]
+
+    def process(self, image: Path) -> dict:
+        t0 = time.perf_counter()
+        try:
+            test = read_grey(image)
+            dets = self.model.detect(test, self.template_for(image), self.args.score, name=str(image))
+            if self.args.overlay_dir:
+                write_overlay(image, dets, self.args.overlay_dir)
+        except EdgeError as e:
+            log(f"error: {e}")
+            return {"file": str(image), "status": "error", "error": str(e)}
+        ms = (time.perf_counter() - t0) * 1e3
+        log(f"ok {image.name}: {len(dets)} defect(s) ({ms:.1f} ms)")
+        return {"file": str(image), "status": "ok", "detections": [d.to_dict() for d in dets], "ms": round(ms, 2)}
+
+
+def run_files(det: Detector, images: list[Path], out: Path | None) -> int:
+    records = [det.process(p) for p in images]
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, lines.encode())
+    else:
+        sys.stdout.write(lines)
+    failed = sum(r["status"] != "ok" for r in records)
+    if failed:
+        log(f"{failed} of {len(records)} image(s) failed")
+    return 1 if failed else 0
+
+
+class Journal:
+    """``results.jsonl``: one complete line per finished image; what it lists is never redone."""
+
+    def __init__(self, path: Path):
+        self.path, self.done = path, set()
+        if path.exists():
+            raw = path.read_bytes()
+            for line in raw.splitlines():
+                try:
+                    self.done.add(Path(json.loads(line)["file"]).name)
+                except (ValueError, KeyError, TypeError):  # a line torn by a power cut: redo that image
+                    continue
+            if raw and not raw.endswith(b"\n"):
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+
+    def add(self, record: dict) -> None:
+        with open(self.path, "ab") as f:
+            f.write((json.dumps(record) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.add(Path(record["file"]).name)
+
+
+def candidates(in_dir: Path) -> list[Path]:
+    out = []
+    for p in sorted(in_dir.iterdir()):
+        if (p.name.startswith(".") or p.name.endswith(PARTIAL_SUFFIXES) or p.suffix.lower() not in IMAGE_SUFFIXES
+                or is_template_name(p) or not p.is_file()):
+            continue
+        out.append(p)
+    return out
+
+
+def watch(det: Detector, in_dir: Path, out_dir: Path, args: argparse.Namespace) -> int:
+    if not in_dir.is_dir():
+        raise EdgeError(f"{in_dir}: watch folder not found")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out_dir / JOURNAL)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log(f"{signal.Signals(signum).name}: stopping after the current image")
+        stop.set()
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    log(f"watching {in_dir} -> {out_dir} ({len(journal.done)} image(s) already done)")
+    seen: dict[str, tuple] = {}  # name -> (size, mtime_ns) at the last poll
+    waiting: dict[str, float] = {}  # name -> when it started waiting for its template
+    processed = 0
+    while not stop.is_set():
+        now = time.time()
+        for p in candidates(in_dir):
+            if stop.is_set():
+                break
+            if p.name in journal.done:
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:  # renamed or deleted between listing and stat
+                continue
+            sig, prev = (st.st_size, st.st_mtime_ns), seen.get(p.name)
+            seen[p.name] = sig
+            if sig != prev or now - st.st_mtime < args.settle:
+                continue  # still being written (or just arrived): look again next poll
+            if det.model.needs_template and not args.template and not args.template_dir:
+                tpl = find_template(p, None, None)
+                if tpl is not None and not tpl.is_file() and now - waiting.setdefault(p.name, now) < args.template_wait:
+                    continue  # the pair's template may still be on its way
+            record = det.process(p)
+            write_atomic(out_dir / f"{p.name}.json", (json.dumps(record, indent=1) + "\n").encode())
+            journal.add(record)  # after the result file: a crash in between redoes the image, never loses it
+            processed += 1
+        stop.wait(args.poll)
+    log(f"stopped; {processed} image(s) processed in this run")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="pcb-aoi-detect", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, type=Path, help="ONNX model exported by pcb-aoi (model.e2e.onnx, "
+                    "model.onnx or model.int8.onnx)")
+    ap.add_argument("images", nargs="*", type=Path, help="image files to inspect")
+    ap.add_argument("--template", type=Path, help="template (defect-free board) for every image")
+    ap.add_argument("--template-dir", type=Path, help="folder holding each image's template under the same name")
+    ap.add_argument("--score", type=float, help="report detections above this score (default: the model's, "
+                    "evaluate.score_threshold at export)")
+    ap.add_argument("--out", type=Path, help="JSON lines file to write (default: stdout)")
+    ap.add_argument("--overlay-dir", type=Path, help="also write <image>.overlay.png with the boxes drawn here")
+    ap.add_argument("--watch", type=Path, help="folder mode: process each new image in this folder once")
+    ap.add_argument("--out-dir", type=Path, help="folder mode: results.jsonl (journal) and <image>.json go here")
+    ap.add_argument("--poll", type=float, default=0.5, help="folder mode: seconds between scans (%(default)s)")
+    ap.add_argument("--settle", type=float, default=1.0, help="folder mode: a file is ready when unchanged for "
+                    "this many seconds (%(default)s)")
+    ap.add_argument("--template-wait", type=float, default=30.0, help="folder mode: seconds to wait for the "
+                    "X_temp file of an X_test file before recording an error (%(default)s)")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads, 0 = all cores")
+    ap.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS), help="ONNX Runtime execution provider "
+                    "(%(default)s); openvino needs onnxruntime-openvino, cuda/tensorrt onnxruntime-gpu")
+    args = ap.parse_args(argv)
+    if args.template and args.template_dir:
+        ap.error("give --template or --template-dir, not both")
+    if args.watch and (args.images or args.out or not args.out_dir):
+        ap.error("--watch takes --out-dir and no image arguments or --out")
+    if not args.watch and not args.images:
+        ap.error("give image files, or --watch FOLDER --out-dir FOLDER")
+    if args.score is not None and not 0 <= args.score <= 1:
+        ap.error(f"--score {args.score}: must be between 0 and 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        det = Detector(EdgeModel(args.model, threads=args.threads, provider=args.provider), args)
+        if args.watch:
+            return watch(det, args.watch, args.out_dir, args)
+        return run_files(det, args.images, args.out)
+    except EdgeError as e:
+        print(f"error: pcb-aoi-detect: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

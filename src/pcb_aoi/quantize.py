@@ -1,0 +1,118 @@
+"""quantize: the FP32 ONNX model as INT8 (ONNX Runtime static quantization, QDQ), with an accuracy gate.
+
+Calibrated on training images (``data/augmented``: the training split and its augmented copies);
+weights int8 per channel, activations uint8 (the pair ONNX Runtime's CPU kernels run fastest).
+Only the ops in ``quantize.op_types`` are quantized; the box decoding after the box head (exp, grid
+offsets, pixel coordinates up to the image size, where 8 bits would round boxes by several pixels)
+and nodes whose name contains one of ``quantize.keep_float`` stay float. **Gate**: mAP@0.5 on the test split with the INT8 model may drop at
+most ``quantize.max_map50_drop`` below the FP32 model's, else the stage fails saying by how much
+and the previous ``model.int8.onnx`` stays in place.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_static)
+
+from .config import QuantizeConfig
+from .dataset import Dataset, atomic_file, split_ids
+from .evaluate import score
+from .export import CONTRACT_KEY, INPUT, OUTPUTS, ort_session
+from .inference import load_pair, prepare_input
+
+
+class AccuracyGateError(RuntimeError):
+    pass
+
+
+class ImageReader(CalibrationDataReader):
+    """Feeds calibration inputs one at a time (batch 1, each image at its own size)."""
+
+    def __init__(self, inputs: list[np.ndarray]):
+        self._it = iter(inputs)
+
+    def get_next(self) -> dict | None:
+        x = next(self._it, None)
+        return None if x is None else {INPUT: x[None]}
+
+
+def calibration_inputs(train_dir: str | Path, n: int, use_template: bool) -> list[np.ndarray]:
+    """``n`` training images (original and augmented), evenly spaced over the sorted ids, as model inputs."""
+    ds = Dataset.load(train_dir)
+    ids = sorted(ds.images["image_id"].tolist())
+    if not ids:
+        raise ValueError(f"{train_dir}: no training images to calibrate on")
+    pick = np.linspace(0, len(ids) - 1, min(n, len(ids))).round().astype(int)
+    return [prepare_input(*load_pair(ds, r), use_template) for r in ds.rows([ids[i] for i in pick])]
+
+
+def ort_runner(sess):
+    return lambda x: tuple(sess.run(OUTPUTS, {INPUT: x}))
+
+
+def box_decode_nodes(proto: onnx.ModelProto) -> set[str]:
+    """Nodes fed (directly or not) by the box head's last Conv: the box decoding to pixels."""
+    convs = [n for n in proto.graph.node if n.op_type == "Conv" and "box_head" in n.name]
+    if not convs:
+        return set()
+    tensors, names = set(convs[-1].output), set()
+    for n in proto.graph.node:  # nodes are topologically sorted
+        if tensors.intersection(n.input):
+            names.add(n.name)
+            tensors.update(n.output)
+    return names
+
+
+def quantize(cfg: QuantizeConfig, fp32: Path, out: Path, inputs: list[np.ndarray]) -> list[str]:
+    """Write the INT8 QDQ model of ``fp32`` to ``out`` (metadata copied); returns the nodes kept float."""
+    proto = onnx.load(str(fp32))
+    decode = box_decode_nodes(proto)
+    keep = [n.name for n in proto.graph.node if n.name in decode or any(k in n.name for k in cfg.keep_float)]
+    quantize_static(
+        str(fp32), str(out), ImageReader(inputs), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(cfg.op_types),
+        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+        calibrate_method=CalibrationMethod.Percentile if cfg.calibration == "percentile" else CalibrationMethod.MinMax,
+    )
+    q = onnx.load(str(out))
+    del q.metadata_props[:]
+    for p in proto.metadata_props:  # the preprocessing contract travels with the INT8 model too
+        q.metadata_props.add(key=p.key, value=p.value)
+    q.metadata_props.add(key="quantization", value="int8 static QDQ (onnxruntime), weights per channel")
+    onnx.save(q, str(out))
+    return keep
+
+
+def run(cfg: QuantizeConfig, fp32_path: str | Path, train_dir: str | Path, clean_dir: str | Path,
+        split_dir: str | Path, out: str | Path) -> dict:
+    fp32_path = Path(fp32_path)
+    if not fp32_path.is_file():
+        raise FileNotFoundError(f"{fp32_path}: ONNX model not found; run the export_onnx stage first")
+    meta = onnx.load(str(fp32_path), load_external_data=False).metadata_props
+    contract = next((json.loads(p.value) for p in meta if p.key == CONTRACT_KEY), None)
+    if contract is None:
+        raise ValueError(f"{fp32_path}: no {CONTRACT_KEY} metadata; re-run the export_onnx stage")
+    use_template, classes = contract["needs_template"], tuple(contract["classes"])
+    ds, ids = Dataset.load(clean_dir), split_ids(split_dir, "test")
+    if not ids:
+        raise ValueError(f"{split_dir}/split.parquet: the test split is empty; the accuracy gate needs it")
+    inputs = calibration_inputs(train_dir, cfg.calibration_images, use_template)
+    with atomic_file(out) as tmp:
+        keep = quantize(cfg, fp32_path, tmp, inputs)
+        fp32_m, _ = score(ort_runner(ort_session(fp32_path)), ds, ids, classes, use_template, 0.5)
+        int8_m, _ = score(ort_runner(ort_session(tmp)), ds, ids, classes, use_template, 0.5)
+        drop = round((fp32_m["map50"] or 0.0) - (int8_m["map50"] or 0.0), 6)
+        if drop > cfg.max_map50_drop:
+            raise AccuracyGateError(
+                f"INT8 accuracy gate failed: test mAP@0.5 {int8_m['map50']} vs FP32 {fp32_m['map50']}, a drop of "
+                f"{drop:.4f} > quantize.max_map50_drop {cfg.max_map50_drop}; keep more layers in float "
+                f"(quantize.keep_float), try quantize.calibration: percentile, or more calibration_images. "
+                f"Kept the previous {out}")
+        size = tmp.stat().st_size
+    return {"calibration_images": len(inputs), "test_images": len(ids), "fp32_map50": fp32_m["map50"],
+            "int8_map50": int8_m["map50"], "map50_drop": drop, "max_map50_drop": cfg.max_map50_drop,
+            "fp32_map": fp32_m["map"], "int8_map": int8_m["map"], "nodes_kept_float": len(keep),
+            "size_mb": round(size / 2**20, 3), "fp32_size_mb": round(fp32_path.stat().st_size / 2**20, 3)}
