@@ -53,8 +53,16 @@ def test_repro_writes_every_report(repo):
     assert ingest["images"] == 15 and ingest["boxes"] == sum(ingest["per_class"].values())
     bench = json.loads((repo / "reports/benchmark.json").read_text())
     assert [v["format"] for v in bench["variants"]] == ["pytorch-eager-fp32", "onnxruntime-fp32", "onnxruntime-int8"]
+    assert {v["provider"] for v in bench["variants"][1:]} == set(bench["providers"]) >= {"CPUExecutionProvider"}
     for v in bench["variants"]:
-        assert {"format", "size_mb", "ms_p50", "ms_p95", "fps", "map50"} <= set(v) and v["ms_p95"] >= v["ms_p50"] > 0
+        assert {"format", "provider", "size_mb", "ms_p50", "ms_p95", "ms_p99", "infer_ms_p50", "fps", "batch_fps",
+                "map50", "map", "threads", "gflops", "gflops_per_s"} <= set(v)
+        assert v["ms_p99"] >= v["ms_p95"] >= v["ms_p50"] > 0 and v["gflops"] > 0
+    compute = bench["compute"]
+    assert compute["parameters"] > 0 and compute["train_step_memory"]["total_mb"] > compute["train_step_memory"]["weights_mb"]
+    assert compute["seconds_per_epoch"] > 0 and compute["dataset_mb"]["clean"] > 0
+    rows = (repo / "reports/benchmark/latency_map.csv").read_text().splitlines()
+    assert rows[0] == "variant,ms_p50,map50" and len(rows) == 1 + len(bench["variants"])
     export = json.loads((repo / "reports/export.json").read_text())
     assert export["same_detections"] is True and export["end_to_end"]["same_detections"] is True
     quant = json.loads((repo / "reports/quantize.json").read_text())
@@ -72,6 +80,7 @@ def test_dvc_plots_render(repo):
     sh(repo, "dvc", "plots", "show", "-o", "plots_html")
     html = (repo / "plots_html/index.html").read_text()
     assert "Precision-recall" in html and "Confusion matrix" in html and "Validation mAP" in html
+    assert "Latency vs accuracy" in html
 
 
 def test_deps_are_complete(repo):

@@ -1,21 +1,28 @@
-"""benchmark: ONNX Runtime vs PyTorch eager on this machine, measured in one run.
+"""benchmark: PyTorch eager vs ONNX Runtime FP32 and INT8, per execution provider, measured in one run.
 
 Per variant: end-to-end latency per image at batch 1 (decode the PNGs + preprocess + inference +
-post-process; warm-up runs excluded), inference-only latency, throughput at a larger batch, file
-size and mAP@0.5 on the test split computed with that very runtime.
+post-process; warm-up runs excluded) p50/p95/p99, inference-only latency, throughput at a larger
+batch, file size, mAP@0.5 and COCO mAP on the test split computed with that very runtime, model
+GFLOPs per image and the GFLOP/s achieved. Execution providers: every one of CPU, OpenVINO, CUDA and
+TensorRT that the installed onnxruntime offers (`pip install onnxruntime-openvino` or
+`onnxruntime-gpu` to add them). Plus compute sizing for choosing a training machine: parameters,
+forward+backward memory at the training batch, seconds per training epoch, dataset size on disk.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import checkpoint
 from .config import BenchmarkConfig
-from .dataset import Dataset, write_json
+from .dataset import Dataset, atomic_dir, write_json
 from .evaluate import score, test_ids
 from .export import INPUT, OUTPUTS, ort_session
 from .inference import Runner, decode, load_pair, prepare_input, stack_padded, torch_runner
@@ -30,7 +37,7 @@ def ort_runner(sess) -> Runner:
 
 def _percentiles(ms: list[float]) -> dict:
     a = np.asarray(ms)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95))}
+    return {q: float(np.percentile(a, int(q[1:]))) for q in ("p50", "p95", "p99")}
 
 
 def time_variant(runner: Runner, ds: Dataset, rows: list, use_template: bool, cfg: BenchmarkConfig) -> dict:
@@ -57,12 +64,54 @@ def time_variant(runner: Runner, ds: Dataset, rows: list, use_template: bool, cf
         runner(xb)
     batch_fps = reps * cfg.batch_size / (time.perf_counter() - t0)
     lat, inf = _percentiles(e2e), _percentiles(infer)
-    return {"ms_p50": round(lat["p50"], 3), "ms_p95": round(lat["p95"], 3), "infer_ms_p50": round(inf["p50"], 3),
-            "fps": round(1e3 / lat["p50"], 2), f"batch{cfg.batch_size}_fps": round(batch_fps, 2)}
+    return {"ms_p50": round(lat["p50"], 3), "ms_p95": round(lat["p95"], 3), "ms_p99": round(lat["p99"], 3),
+            "infer_ms_p50": round(inf["p50"], 3), "fps": round(1e3 / lat["p50"], 2),
+            "batch_size": cfg.batch_size, "batch_fps": round(batch_fps, 2)}
+
+
+# Execution providers worth benchmarking for edge boxes, in onnxruntime's names.
+PROVIDERS = ("CPUExecutionProvider", "OpenVINOExecutionProvider", "CUDAExecutionProvider",
+             "TensorrtExecutionProvider")
+
+
+def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Forward GFLOPs (multiply-add = 2) of one image of ``x``'s size, counted by PyTorch."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x[:1])
+    return counter.get_total_flops() / 1e9
+
+
+def train_memory_mb(model: torch.nn.Module, batch: int, crop: int, channels: int) -> dict:
+    """Forward+backward memory at the training batch: weights, gradients, AdamW state and every tensor
+    autograd keeps for the backward pass (measured on a real step, device independent)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.train()
+    x = torch.rand(batch, channels, crop, crop)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        heat, boxes = model(x)
+    (heat.float().mean() + boxes.float().mean()).backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    activations = sum(saved)
+    return {"weights_mb": round(params / 2**20, 2), "activations_mb": round(activations / 2**20, 1),
+            "total_mb": round((4 * params + activations) / 2**20, 1),  # weights + grads + 2 AdamW moments
+            "batch_size": batch, "crop_size": crop}
+
+
+def du_mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20, 1)
 
 
 def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, clean_dir: str | Path,
-        split_dir: str | Path, out: str | Path, int8_path: str | Path | None = None) -> dict:
+        split_dir: str | Path, out: str | Path, int8_path: str | Path | None = None,
+        train_report: str | Path | None = None, train_cfg=None, data_dirs: tuple = (),
+        plots_dir: str | Path | None = None) -> dict:
     threads = cfg.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     model, ckpt = checkpoint.load(model_path)
@@ -70,23 +119,58 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
     ds = Dataset.load(clean_dir)
     ids = test_ids(split_dir)
     rows = ds.rows(ids)
+    x1 = torch.from_numpy(prepare_input(*load_pair(ds, rows[0]), use_template)[None])
+    flops = gflops(model, x1)
+    providers = [p for p in PROVIDERS if p in ort.get_available_providers()]
+    runs = [("pytorch-eager-fp32", "torch-cpu", lambda: torch_runner(model), model_path)]
+    for provider in providers:
+        runs.append(("onnxruntime-fp32", provider, lambda p=provider: ort_runner(ort_session(onnx_path, threads, p)),
+                     onnx_path))
+        if int8_path:
+            runs.append(("onnxruntime-int8", provider,
+                         lambda p=provider: ort_runner(ort_session(int8_path, threads, p)), int8_path))
     variants = []
-    runs = [("pytorch-eager-fp32", torch_runner(model), model_path),
-            ("onnxruntime-fp32", ort_runner(ort_session(onnx_path, threads)), onnx_path)]
-    if int8_path:
-        runs.append(("onnxruntime-int8", ort_runner(ort_session(int8_path, threads)), int8_path))
-    for fmt, runner, path in runs:
+    for fmt, provider, make, path in runs:
+        runner = make()
         metrics, _ = score(runner, ds, ids, classes, use_template, 0.5)
-        variants.append({"format": fmt, "size_mb": round(Path(path).stat().st_size / 2**20, 3),
-                         **time_variant(runner, ds, rows, use_template, cfg), "map50": metrics["map50"]})
-    by = {v["format"]: v for v in variants}
+        timing = time_variant(runner, ds, rows, use_template, cfg)
+        variants.append({"format": fmt, "provider": provider, "size_mb": round(Path(path).stat().st_size / 2**20, 3),
+                         **timing, "map50": metrics["map50"], "map": metrics["map"], "threads": threads,
+                         "gflops": round(flops, 3), "gflops_per_s": round(flops / (timing["infer_ms_p50"] / 1e3), 2)})
+    by = {(v["format"], v["provider"]): v for v in variants}
+    cpu = "CPUExecutionProvider"
     report = {
         "threads": threads,
         "image_size": [int(rows[0].width), int(rows[0].height)],
+        "providers": providers,
         "variants": variants,
-        "ort_vs_torch_speedup": round(by["pytorch-eager-fp32"]["ms_p50"] / by["onnxruntime-fp32"]["ms_p50"], 3),
+        "ort_vs_torch_speedup": round(by["pytorch-eager-fp32", "torch-cpu"]["ms_p50"]
+                                      / by["onnxruntime-fp32", cpu]["ms_p50"], 3),
     }
     if int8_path:
-        report["int8_vs_fp32_speedup"] = round(by["onnxruntime-fp32"]["ms_p50"] / by["onnxruntime-int8"]["ms_p50"], 3)
+        report["int8_vs_fp32_speedup"] = round(by["onnxruntime-fp32", cpu]["ms_p50"]
+                                               / by["onnxruntime-int8", cpu]["ms_p50"], 3)
+    report["compute"] = sizing(model, ckpt, train_report, train_cfg, data_dirs)
+    if plots_dir:
+        with atomic_dir(plots_dir) as tmp:  # latency vs accuracy, one point per variant
+            lines = ["variant,ms_p50,map50"] + [f"{v['format']}@{v['provider']},{v['ms_p50']},{v['map50']}"
+                                                for v in variants]
+            (tmp / "latency_map.csv").write_text("\n".join(lines) + "\n")
     write_json(out, report)
     return report
+
+
+def sizing(model, ckpt: dict, train_report, train_cfg, data_dirs: tuple) -> dict:
+    """What a user needs to pick an AzureML compute size."""
+    out = {"parameters": sum(p.numel() for p in model.parameters())}
+    if train_cfg is not None:
+        crop = train_cfg.crop_size or 640
+        out["train_step_memory"] = train_memory_mb(model, train_cfg.batch_size, crop,
+                                                   ckpt["model_config"]["in_channels"])
+    if train_report and Path(train_report).is_file():
+        t = json.loads(Path(train_report).read_text())
+        out.update({k: t.get(k) for k in ("seconds_per_epoch", "epochs", "peak_rss_mb", "train_images", "device",
+                                          "threads")})
+        out["measured_on"] = f"{t.get('cpu_count')} CPU cores" if t.get("device", "cpu") == "cpu" else t.get("device")
+    out["dataset_mb"] = {Path(d).name: du_mb(d) for d in data_dirs}
+    return out

@@ -33,10 +33,11 @@ class ParityError(RuntimeError):
     pass
 
 
-def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
+def ort_session(path: str | Path, threads: int = 0, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), opts, providers=providers)
 
 
 def contract(ckpt: dict, score_threshold: float, end_to_end: bool) -> dict:

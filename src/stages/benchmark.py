@@ -19,4 +19,8 @@ if __name__ == "__main__":
     ap.add_argument("--clean", required=True, help="clean dataset folder")
     ap.add_argument("--split", required=True, help="folder holding split.parquet")
     ap.add_argument("--out", required=True, help="benchmark JSON to write")
-    run_stage(ap, lambda p, a: benchmark.run(p.benchmark, a.model, a.onnx, a.clean, a.split, a.out, a.int8))
+    ap.add_argument("--train-report", help="train stage summary (seconds per epoch, peak memory) for compute sizing")
+    ap.add_argument("--data", nargs="*", default=[], help="dataset folders whose size on disk to report")
+    ap.add_argument("--plots", help="folder for the latency-vs-mAP plot data")
+    run_stage(ap, lambda p, a: benchmark.run(p.benchmark, a.model, a.onnx, a.clean, a.split, a.out, a.int8,
+                                             a.train_report, p.train, a.data, a.plots))
