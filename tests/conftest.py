@@ -73,31 +73,42 @@ def azurite_connection_string(port: int, key: str = DEV_KEY) -> str:
             f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;")
 
 
-@pytest.fixture(scope="session")
-def azurite(tmp_path_factory):
-    """A real Azure Blob endpoint: Azurite from npm (`npm install azurite`), on 127.0.0.1, stopped after."""
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_azurite(port: int, location: Path):
+    """Azurite's blob service on 127.0.0.1:``port`` keeping its data in ``location``; returns the process
+    once the port accepts connections (skips the test when Azurite is not installed)."""
     import socket
     import subprocess
     import time
 
     if not AZURITE.exists():
         pytest.skip("Azurite not installed: run `npm install --no-save azurite@3` in the project root")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = subprocess.Popen([str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
-                             str(tmp_path_factory.mktemp("azurite")), "--silent", "--skipApiVersionCheck",
-                             "--disableTelemetry"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(location), "--silent", "--skipApiVersionCheck", "--disableTelemetry"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
+            return proc
         except OSError:
             time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("Azurite did not start within 30 s")
+    proc.kill()
+    pytest.fail("Azurite did not start within 30 s")
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """A real Azure Blob endpoint: Azurite from npm (`npm install azurite`), on 127.0.0.1, stopped after."""
+    port = free_port()
+    proc = start_azurite(port, tmp_path_factory.mktemp("azurite"))
     yield azurite_connection_string(port)
     proc.terminate()
     proc.wait(timeout=10)
