@@ -24,15 +24,8 @@ from . import checkpoint
 from .config import BenchmarkConfig
 from .dataset import Dataset, atomic_dir, write_json
 from .evaluate import score, test_ids
-from .export import INPUT, OUTPUTS, ort_session
+from .export import ort_runner, ort_session
 from .inference import Runner, decode, load_pair, prepare_input, stack_padded, torch_runner
-
-
-def ort_runner(sess) -> Runner:
-    def run(x: np.ndarray):
-        return tuple(sess.run(OUTPUTS, {INPUT: x}))
-
-    return run
 
 
 def _percentiles(ms: list[float]) -> dict:

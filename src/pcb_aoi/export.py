@@ -40,6 +40,11 @@ def ort_session(path: str | Path, threads: int = 0, provider: str = "CPUExecutio
     return ort.InferenceSession(str(path), opts, providers=providers)
 
 
+def ort_runner(sess: ort.InferenceSession):
+    """A Runner (``inference.Runner``) over the raw-output ONNX model: (B, C, H, W) -> (heatmap, boxes)."""
+    return lambda x: tuple(sess.run(OUTPUTS, {INPUT: x}))
+
+
 def contract(ckpt: dict, score_threshold: float, end_to_end: bool) -> dict:
     """What a runtime without this package needs to feed the model and read its outputs."""
     spec = ckpt["input_spec"]

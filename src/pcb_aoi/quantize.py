@@ -21,7 +21,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from .config import QuantizeConfig
 from .dataset import Dataset, atomic_file, split_ids
 from .evaluate import score
-from .export import CONTRACT_KEY, INPUT, OUTPUTS, ort_session
+from .export import CONTRACT_KEY, INPUT, ort_runner, ort_session
 from .inference import load_pair, prepare_input
 
 
@@ -48,10 +48,6 @@ def calibration_inputs(train_dir: str | Path, n: int, use_template: bool) -> lis
         raise ValueError(f"{train_dir}: no training images to calibrate on")
     pick = np.linspace(0, len(ids) - 1, min(n, len(ids))).round().astype(int)
     return [prepare_input(*load_pair(ds, r), use_template) for r in ds.rows([ids[i] for i in pick])]
-
-
-def ort_runner(sess):
-    return lambda x: tuple(sess.run(OUTPUTS, {INPUT: x}))
 
 
 def box_decode_nodes(proto: onnx.ModelProto) -> set[str]:
