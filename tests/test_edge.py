@@ -49,16 +49,17 @@ def models(tmp_path_factory, tiny_pipeline):
     return model, out / "model.onnx", out / "model.e2e.onnx", ds
 
 
-def test_numpy_decode_matches_torch_decode():
+@pytest.mark.parametrize("threshold, top_k", [(0.2, 100), (0.0, 100), (0.5, 7)])
+def test_numpy_decode_matches_torch_decode(threshold, top_k):
     from pcb_aoi.inference import decode
     rng = np.random.default_rng(0)
     heat = rng.normal(0, 2, (2, 6, 16, 20)).astype(np.float32)
     centres = rng.uniform(0, 64, (2, 2, 16, 20)).astype(np.float32)
     boxes = np.concatenate([centres - 6, centres + 6], 1)  # overlapping 12 px boxes
-    ref = decode(torch.from_numpy(heat), torch.from_numpy(boxes), score_threshold=0.2)
-    got = edge.decode(heat, boxes, score_threshold=0.2)
+    ref = decode(torch.from_numpy(heat), torch.from_numpy(boxes), threshold, top_k)
+    got = edge.decode(heat, boxes, threshold, top_k)
     for r, g in zip(ref, got):
-        assert len(r["labels"]) > 10 and r["labels"].tolist() == g["labels"].tolist()
+        assert len(r["labels"]) >= min(top_k, 10) // 2 and r["labels"].tolist() == g["labels"].tolist()
         assert np.abs(r["boxes"].numpy() - g["boxes"]).max() <= 1e-5
         assert np.abs(r["scores"].numpy() - g["scores"]).max() <= 1e-6
 

@@ -46,8 +46,10 @@ def write_stage_params(tiny_pipeline, out, **train_over):
 
 
 def test_same_seed_same_weights_and_metrics(tiny_pipeline, tmp_path):
-    a = run_train(tiny_pipeline, tmp_path / "a")
-    b = run_train(tiny_pipeline, tmp_path / "b")
+    # Every online augmentation on, data loaded in a worker process for one run and in-process for the other.
+    aug = {"flip_rotate": True, "scale_jitter": 0.2, "width_jitter": 0.5}
+    a = run_train(tiny_pipeline, tmp_path / "a", workers=1, **aug)
+    b = run_train(tiny_pipeline, tmp_path / "b", workers=0, **aug)
     assert a["val_map50"] == b["val_map50"] and a["best_epoch"] == b["best_epoch"]
     assert same_weights(tmp_path / "a/models/model.pt", tmp_path / "b/models/model.pt")
     assert not (tmp_path / "a/models/checkpoints/last.pt").exists(), "a finished run leaves nothing to resume"
@@ -177,3 +179,39 @@ def test_device_auto_falls_back_to_cpu_and_cuda_without_gpu_says_so():
         assert train.resolve_device("auto").type == "cpu"
         with pytest.raises(ValueError, match="train.device: cuda requested"):
             train.resolve_device("cuda")
+
+
+def test_without_a_val_split_every_non_test_board_trains_and_the_last_epoch_is_kept(tiny_pipeline, tmp_path):
+    from pcb_aoi import split
+    from pcb_aoi.dataset import split_ids
+
+    d, p = tiny_pipeline
+    split.run(dataclasses.replace(p.split, val_fraction=0.0), p.seed, p.classes, d / "clean", tmp_path / "split")
+    assert split_ids(tmp_path / "split", "val") == []
+    assert split_ids(tmp_path / "split", "test") == split_ids(d / "split", "test"), "the test boards do not move"
+    cfg = dataclasses.replace(p.train, epochs=2)
+    report = train.run(cfg, p.seed, p.classes, d / "augmented", d / "clean", tmp_path / "split",
+                       tmp_path / "models/model.pt", tmp_path / "live")
+    assert report["val_map50"] is None and report["best_epoch"] == 1
+    assert torch.load(tmp_path / "models/model.pt", weights_only=True)["provenance"]["epoch"] == 1
+
+
+def test_width_jitter_grows_or_shrinks_copper_alike_in_test_and_template_and_is_seeded():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    template = np.where(rng.random((64, 64)) < 0.3, 0, 255).astype(np.uint8)  # dark copper specks
+    test = template.copy()
+    test[20:30, 20:30] = 0  # a defect: extra copper
+    copper = lambda img: int((img < 128).sum())  # noqa: E731
+    changes = set()
+    for seed in range(20):
+        a, b = train.jitter_copper_width(test, template, 1.0, seed)
+        assert np.array_equal(a, train.jitter_copper_width(test, template, 1.0, seed)[0]), "same seed, same draw"
+        grew = copper(a) > copper(test)
+        assert grew == (copper(b) > copper(template)), "test and template get the same filter"
+        assert copper(a) != copper(test)
+        changes.add(grew)
+    assert changes == {True, False}, "both thicker and thinner copper are drawn"
+    a, b = train.jitter_copper_width(test, template, 0.0, 0)
+    assert a is test and b is template

@@ -1,7 +1,7 @@
 """benchmark: PyTorch eager vs ONNX Runtime FP32 and INT8, per execution provider, measured in one run.
 
 Per variant: end-to-end latency per image at batch 1 (decode the PNGs + preprocess + inference +
-post-process; warm-up runs excluded) p50/p95/p99, inference-only latency, throughput at a larger
+post-process: torch for PyTorch, the edge app's numpy decoding for ONNX Runtime; warm-up runs excluded) p50/p95/p99, inference-only latency, throughput at a larger
 batch, file size, mAP@0.5 and COCO mAP on the test split computed with that very runtime, model
 GFLOPs per image and the GFLOP/s achieved. Execution providers: every one of CPU, OpenVINO, CUDA and
 TensorRT that the installed onnxruntime offers (`pip install onnxruntime-openvino` or
@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import checkpoint
+from . import checkpoint, edge
 from .config import BenchmarkConfig
 from .dataset import Dataset, atomic_dir, write_json
 from .evaluate import score, test_ids
@@ -33,13 +33,23 @@ def _percentiles(ms: list[float]) -> dict:
     return {q: float(np.percentile(a, int(q[1:]))) for q in ("p50", "p95", "p99")}
 
 
-def time_variant(runner: Runner, ds: Dataset, rows: list, use_template: bool, cfg: BenchmarkConfig) -> dict:
+def torch_post(heat: np.ndarray, boxes: np.ndarray) -> None:
+    decode(torch.from_numpy(heat), torch.from_numpy(boxes))
+
+
+def numpy_post(heat: np.ndarray, boxes: np.ndarray) -> None:
+    """What the torch-free edge app runs after ONNX Runtime."""
+    edge.decode(heat, boxes, 0.01)  # decode()'s default threshold, as the PyTorch variant
+
+
+def time_variant(runner: Runner, ds: Dataset, rows: list, use_template: bool, cfg: BenchmarkConfig,
+                 post=torch_post) -> dict:
     def end_to_end(row):
         x = prepare_input(*load_pair(ds, row), use_template)[None]
         t0 = time.perf_counter()
         heat, boxes = runner(x)
         t1 = time.perf_counter()
-        decode(torch.from_numpy(heat), torch.from_numpy(boxes))
+        post(heat, boxes)
         return t1 - t0
 
     e2e, infer = [], []
@@ -126,7 +136,7 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
     for fmt, provider, make, path in runs:
         runner = make()
         metrics, _ = score(runner, ds, ids, classes, use_template, 0.5)
-        timing = time_variant(runner, ds, rows, use_template, cfg)
+        timing = time_variant(runner, ds, rows, use_template, cfg, torch_post if fmt.startswith("pytorch") else numpy_post)
         variants.append({"format": fmt, "provider": provider, "size_mb": round(Path(path).stat().st_size / 2**20, 3),
                          **timing, "map50": metrics["map50"], "map": metrics["map"], "threads": threads,
                          "gflops": round(flops, 3), "gflops_per_s": round(flops / (timing["infer_ms_p50"] / 1e3), 2)})

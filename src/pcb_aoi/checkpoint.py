@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .dataset import atomic_file
-from .inference import PAD_MULTIPLE
+from .preprocess import PAD_MULTIPLE
 from .model import Detector, DetectorConfig
 
 FORMAT = "pcb-aoi-checkpoint/1"

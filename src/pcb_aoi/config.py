@@ -87,7 +87,9 @@ class TrainConfig:
     crop_size: int = 160  # random training crops (fully convolutional model); 0 = full image
     flip_rotate: bool = False  # random flips and 90-degree turns of each crop, every epoch
     scale_jitter: float = 0.0  # random rescale by 1 +- this before cropping; 0 = off
+    width_jitter: float = 0.0  # probability that a crop's copper grows or shrinks by 1 px (test and template)
     threads: int = 0  # torch intra-op threads; 0 = all cores
+    workers: int = 1  # data-loading processes beside training; 0 = load in the training process
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the GPU when torch sees one
     val_every: int = 1  # validate every N epochs (and after the last)
     resume: bool = True  # continue an interrupted run from models/checkpoints/last.pt when compatible
@@ -215,8 +217,8 @@ def _validate(p: Params) -> None:
         raise ConfigError(f"train.model.stride: {p.train.model.stride} is not allowed; expected 4 or 8")
     if not 0 <= p.train.scale_jitter < 1:
         raise ConfigError(f"train.scale_jitter: {p.train.scale_jitter} must be in [0, 1)")
-    if (p.train.flip_rotate or p.train.scale_jitter) and not p.train.crop_size:
-        raise ConfigError("train.flip_rotate / train.scale_jitter need train.crop_size > 0")
+    if (p.train.flip_rotate or p.train.scale_jitter or p.train.width_jitter) and not p.train.crop_size:
+        raise ConfigError("train.flip_rotate / train.scale_jitter / train.width_jitter need train.crop_size > 0")
     inf = float("inf")
     s, a = p.ingest.synthetic, p.augment
     ranges = {  # key: (value, lowest, highest allowed), inclusive; the ranges params.yaml documents
@@ -228,6 +230,8 @@ def _validate(p: Params) -> None:
         "etl.tile_min_visibility": (p.etl.tile_min_visibility, 0, 1),
         "split.val_fraction": (p.split.val_fraction, 0, 1),
         "split.test_fraction": (p.split.test_fraction, 0, 1),
+        "train.width_jitter": (p.train.width_jitter, 0, 1),
+        "train.workers": (p.train.workers, 0, 16),
         "augment.copies": (a.copies, 0, inf),
         **{f"augment.{k}": (getattr(a, k), 0, 1) for k in ("hflip_p", "vflip_p", "rot90_p", "brightness_contrast_p", "noise_p")},
         "evaluate.score_threshold": (p.evaluate.score_threshold, 0, 1),

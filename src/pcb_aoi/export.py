@@ -21,7 +21,8 @@ import torch
 from . import checkpoint, e2e
 from .config import ExportConfig
 from .dataset import Dataset, atomic_file
-from .inference import PAD_MULTIPLE, decode, load_pair, prepare_input, stack_padded
+from .inference import decode, load_pair
+from .preprocess import PAD_MULTIPLE, PAD_VALUES, prepare_input, stack_padded
 
 INPUT, OUTPUTS = "input", ["heatmap", "boxes"]
 CONTRACT_KEY, CONTRACT_FORMAT = "pcb_aoi_contract", "pcb-aoi-onnx/1"
@@ -56,7 +57,7 @@ def contract(ckpt: dict, score_threshold: float, end_to_end: bool) -> dict:
         "image": "uint8 grey (PIL convert('L')), copper dark, any size; template the same size",
         "scale": 1 / 255,
         "pad_multiple": PAD_MULTIPLE,  # pad bottom/right to a multiple of this
-        "pad_values": [1.0, 1.0, 0.0][: len(spec["channels"])],  # per channel, after scaling
+        "pad_values": list(PAD_VALUES[: len(spec["channels"])]),  # per channel, after scaling
         "outputs": "detections" if end_to_end else "raw",
         "output_names": e2e.OUTPUTS if end_to_end else OUTPUTS,
         "decode": {"top_k": e2e.TOP_K, "nms_iou": e2e.NMS_IOU, "min_score": e2e.MIN_SCORE},

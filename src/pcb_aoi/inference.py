@@ -1,8 +1,7 @@
 """Pre- and post-processing shared by training, evaluation, export and benchmarking.
 
-The contract (stored in the checkpoint and, later, in ONNX metadata): grey uint8 images, copper
-dark; input channels ``test/255, template/255, (test - template)/255`` (or ``test/255`` alone
-without a template), padded bottom/right with background (white) to a multiple of 32.
+The input contract (stored in the checkpoint and, later, in ONNX metadata) lives in ``preprocess.py``
+(numpy only, shared with the edge app); this module adds loading, torch decoding and prediction.
 """
 from __future__ import annotations
 
@@ -14,36 +13,7 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from .dataset import Dataset, read_grey
-
-PAD_MULTIPLE = 32
-
-
-def prepare_input(test: np.ndarray, template: np.ndarray | None, use_template: bool) -> np.ndarray:
-    """(H, W) uint8 test (and template) -> (C, H', W') float32 model input, H' W' multiples of 32."""
-    t = test.astype(np.float32) / 255.0
-    if use_template:
-        if template is None:
-            raise ValueError("this model is reference-based and needs a template image")
-        r = template.astype(np.float32) / 255.0
-        x = np.stack([t, r, t - r])
-    else:
-        x = t[None]
-    h, w = t.shape
-    return pad_to(x, h + -h % PAD_MULTIPLE, w + -w % PAD_MULTIPLE)
-
-
-def pad_to(x: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Pad (C, H, W) input bottom/right to (C, h, w): background white, difference channel 0."""
-    values = [1.0, 1.0, 0.0][: len(x)]
-    ph, pw = h - x.shape[1], w - x.shape[2]
-    return np.stack([np.pad(c, ((0, ph), (0, pw)), constant_values=v) for c, v in zip(x, values)])
-
-
-def stack_padded(inputs: list[np.ndarray]) -> np.ndarray:
-    """Batch inputs of different sizes (tiles at image borders, mixed sources) by padding."""
-    h, w = max(x.shape[1] for x in inputs), max(x.shape[2] for x in inputs)
-    return np.stack([pad_to(x, h, w) for x in inputs])
-
+from .preprocess import prepare_input, stack_padded
 
 def load_pair(ds: Dataset, row) -> tuple[np.ndarray, np.ndarray | None]:
     test = read_grey(ds.root / row.path)

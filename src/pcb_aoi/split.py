@@ -60,7 +60,7 @@ def assign(ds: Dataset, cfg: SplitConfig, seed: int) -> pd.DataFrame:
         test = _carve(ids, y, groups, cfg.test_fraction, seed)
         carve_val, val_fraction = True, cfg.val_fraction / (1 - cfg.test_fraction)
     split[test] = "test"
-    if carve_val:
+    if carve_val and val_fraction > 0:  # 0: no validation split, every non-test board trains
         rest = np.flatnonzero(~test)
         split[rest[_carve(ids[rest], y[rest], groups[rest], val_fraction, seed + 1)]] = "val"
     images["split"] = split
