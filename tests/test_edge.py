@@ -275,3 +275,22 @@ def test_watch_mode_processes_new_files_once_and_resumes_after_sigterm(models, n
         per_image = json.loads((out / f"{n}_test.png.json").read_text())
         assert per_image["status"] == "ok" and per_image["detections"]
     assert "not a readable image" in json.loads((out / "c_test.png.json").read_text())["error"]
+
+
+def test_edge_latency_benchmark_runs_without_torch(models, no_torch_env, tmp_path):
+    _, raw, e2e_path, ds = models
+    out = tmp_path / "edge_latency.json"
+    r = subprocess.run([sys.executable, str(SRC.parent / "benchmarks/edge_latency.py"), "--models", str(raw), str(e2e_path),
+                        "--pairs", str(ds.root), "--images", "3", "--runs", "4", "--warmup", "1", "--out", str(out)],
+                       env=no_torch_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert [(x["model"], x["provider"], x["end_to_end"]) for x in report["results"]] == [
+        ("model.onnx", "cpu", False), ("model.e2e.onnx", "cpu", True)]
+    for x in report["results"]:
+        assert 0 < x["without_file_decode_ms_p50"] <= x["ms_p50"] <= x["ms_p95"] <= x["ms_p99"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = subprocess.run([sys.executable, str(SRC.parent / "benchmarks/edge_latency.py"), "--models", str(raw),
+                        "--pairs", str(empty)], env=no_torch_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no X_test.* / X_temp.* image pairs" in r.stderr
