@@ -1,12 +1,13 @@
 """benchmark: PyTorch eager vs ONNX Runtime FP32 and INT8, per execution provider, measured in one run.
 
 Per variant: end-to-end latency per image at batch 1 (decode the PNGs + preprocess + inference +
-post-process: torch for PyTorch, the edge app's numpy decoding for ONNX Runtime; warm-up runs excluded) p50/p95/p99, inference-only latency, throughput at a larger
-batch, file size, mAP@0.5 and COCO mAP on the test split computed with that very runtime, model
-GFLOPs per image and the GFLOP/s achieved. Execution providers: every one of CPU, OpenVINO, CUDA and
-TensorRT that the installed onnxruntime offers (`pip install onnxruntime-openvino` or
-`onnxruntime-gpu` to add them). Plus compute sizing for choosing a training machine: parameters,
-forward+backward memory at the training batch, seconds per training epoch, dataset size on disk.
+post-process: torch for PyTorch, the edge app's numpy decoding for ONNX Runtime; warm-up runs
+excluded) p50/p95/p99, inference-only latency, throughput at a larger batch, file size, mAP@0.5 and
+COCO mAP on the test split computed with that very runtime, model GFLOPs per image and the GFLOP/s
+achieved. Execution providers: every one of CPU, OpenVINO, CUDA and TensorRT that the installed
+onnxruntime offers (`pip install onnxruntime-openvino` or `onnxruntime-gpu` to add them). Plus compute
+sizing for choosing a training machine: parameters, forward+backward memory at the training batch,
+seconds per training epoch, dataset size on disk.
 """
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
     for fmt, provider, make, path in runs:
         runner = make()
         metrics, _ = score(runner, ds, ids, classes, use_template, 0.5)
-        timing = time_variant(runner, ds, rows, use_template, cfg, torch_post if fmt.startswith("pytorch") else numpy_post)
+        post = torch_post if fmt.startswith("pytorch") else numpy_post
+        timing = time_variant(runner, ds, rows, use_template, cfg, post)
         variants.append({"format": fmt, "provider": provider, "size_mb": round(Path(path).stat().st_size / 2**20, 3),
                          **timing, "map50": metrics["map50"], "map": metrics["map"], "threads": threads,
                          "gflops": round(flops, 3), "gflops_per_s": round(flops / (timing["infer_ms_p50"] / 1e3), 2)})

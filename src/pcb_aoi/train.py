@@ -297,18 +297,19 @@ def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_di
                                        f"{', '.join(kept) or 'none yet'}") from None
             epoch_s.append(time.perf_counter() - t0)
             logged = {f"train/{k}": v for k, v in losses.items()}
-            if ddp.main and not val_ids and epoch + 1 == cfg.epochs:  # no val split: keep the last epoch
-                best_epoch = epoch
-                checkpoint.save(model_out, net, classes, use_template, epoch=epoch, val_map50=None, seed=seed,
-                                torch=str(torch.__version__), train_images=len(data))
-            if ddp.main and val_ids and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+            last = epoch + 1 == cfg.epochs
+            val_map50 = None
+            if ddp.main and val_ids and ((epoch + 1) % cfg.val_every == 0 or last):
                 val = coco_metrics(val_gt, predict(runner, clean, val_ids, use_template), classes)
                 logged.update({"val/map50": val["map50"], "val/map": val["map"]})
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", val_map50=f"{val['map50']:.3f}")
-                if val["map50"] > best:
-                    best, best_epoch = val["map50"], epoch
-                    checkpoint.save(model_out, net, classes, use_template, epoch=epoch, val_map50=best, seed=seed,
-                                    torch=str(torch.__version__), train_images=len(data))
+                val_map50 = val["map50"]
+            # Keep the best validated epoch; without a val split (split.val_fraction: 0), the last one.
+            improved = val_map50 is not None and val_map50 > best
+            if ddp.main and (improved or (not val_ids and last)):
+                best, best_epoch = (val_map50 if improved else best), epoch
+                checkpoint.save(model_out, net, classes, use_template, epoch=epoch, val_map50=val_map50, seed=seed,
+                                torch=str(torch.__version__), train_images=len(data))
             if live:
                 for k, v in logged.items():
                     live.log_metric(k, v)
