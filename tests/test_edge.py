@@ -113,9 +113,10 @@ sys.exit(rc)
 
 @pytest.fixture(scope="module")
 def no_torch_env(tmp_path_factory):
-    """Environment whose PYTHONPATH shadows torch/torchvision/pandas with modules that fail to import."""
+    """Environment whose PYTHONPATH shadows torch/torchvision/pandas (and the optional OpenCV) with modules
+    that fail to import."""
     block = tmp_path_factory.mktemp("block")
-    for name in ("torch", "torchvision", "pandas"):
+    for name in ("torch", "torchvision", "pandas", "cv2"):
         (block / f"{name}.py").write_text(f"raise ImportError('{name} is not installed on the edge box')\n")
     return {**os.environ, "PYTHONPATH": f"{block}{os.pathsep}{SRC}"}
 

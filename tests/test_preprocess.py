@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pcb_aoi.preprocess import pad_to, prepare_input, stack_padded
+from pcb_aoi.preprocess import pad_to, prepare_input, read_grey_png, stack_padded
 
 
 def reference(test, template, use_template, multiple=32):
@@ -37,3 +37,23 @@ def test_batches_of_different_sizes_are_padded_with_the_background():
     assert batch.shape == (2, 3, 64, 64)
     assert (batch[0, :2, 32:] == 1.0).all() and (batch[0, 2, 32:] == 0.0).all()
     assert pad_to(a, 32, 64) is a
+
+
+def test_fast_png_decoding_gives_pillows_pixels_and_leaves_every_other_file_to_pillow(tmp_path):
+    from PIL import Image
+
+    pytest.importorskip("cv2", reason="OpenCV not installed: every image is decoded by Pillow")
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (50, 70), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(grey > 127).save(tmp_path / "bilevel.png")  # 1-bit PNG, as binarised AOI images may be
+    fast = read_grey_png(tmp_path / "grey.png")
+    assert fast is not None and np.array_equal(fast, grey)
+    assert np.array_equal(read_grey_png(tmp_path / "bilevel.png"),
+                          np.asarray(Image.open(tmp_path / "bilevel.png").convert("L")))
+    Image.fromarray(grey).save(tmp_path / "grey.jpg")
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "rgb.png")
+    Image.fromarray(grey.astype(np.uint16) * 256).save(tmp_path / "deep.png")
+    (tmp_path / "broken.png").write_bytes((tmp_path / "grey.png").read_bytes()[:100])
+    for name in ("grey.jpg", "rgb.png", "deep.png", "broken.png", "missing.png"):
+        assert read_grey_png(tmp_path / name) is None, name

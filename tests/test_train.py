@@ -215,3 +215,23 @@ def test_width_jitter_grows_or_shrinks_copper_alike_in_test_and_template_and_is_
     assert changes == {True, False}, "both thicker and thinner copper are drawn"
     a, b = train.jitter_copper_width(test, template, 0.0, 0)
     assert a is test and b is template
+
+
+def test_decoded_image_cache_gives_the_same_crops_and_cannot_be_edited(tiny_pipeline):
+    import numpy as np
+
+    d, p = tiny_pipeline
+    ds = Dataset.load(d / "augmented")
+    args = (ds, p.classes, True, 64, p.seed, True, 0.2, 0.5)
+    cached, read = train.PairDataset(*args, cache_mb=4096), train.PairDataset(*args, cache_mb=0)
+    assert cached.cache is not None and read.cache is None
+    assert train.PairDataset(*args, cache_mb=cached._decoded_mb() / 2).cache is None, "over budget: read every time"
+    for epoch in (0, 3):
+        cached.set_epoch(epoch)
+        read.set_epoch(epoch)
+        for i in range(len(read)):
+            assert all(torch.equal(a, b) for a, b in zip(cached[i], read[i]))
+    test, template = cached.cache[0]
+    assert not test.flags.writeable and not template.flags.writeable
+    with pytest.raises(ValueError):
+        np.add(test, 1, out=test)

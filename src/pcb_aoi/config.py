@@ -90,6 +90,7 @@ class TrainConfig:
     width_jitter: float = 0.0  # probability that a crop's copper grows or shrinks by 1 px (test and template)
     threads: int = 0  # torch intra-op threads; 0 = all cores
     workers: int = 1  # data-loading processes beside training; 0 = load in the training process
+    cache_mb: int = 4096  # keep the decoded training images in RAM when they fit in this many MiB; 0 = never
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the GPU when torch sees one
     val_every: int = 1  # validate every N epochs (and after the last)
     resume: bool = True  # continue an interrupted run from models/checkpoints/last.pt when compatible
@@ -232,6 +233,7 @@ def _validate(p: Params) -> None:
         "split.test_fraction": (p.split.test_fraction, 0, 1),
         "train.width_jitter": (p.train.width_jitter, 0, 1),
         "train.workers": (p.train.workers, 0, 16),
+        "train.cache_mb": (p.train.cache_mb, 0, inf),
         "augment.copies": (a.copies, 0, inf),
         **{f"augment.{k}": (getattr(a, k), 0, 1) for k in ("hflip_p", "vflip_p", "rot90_p", "brightness_contrast_p", "noise_p")},
         "evaluate.score_threshold": (p.evaluate.score_threshold, 0, 1),

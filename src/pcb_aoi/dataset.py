@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from .preprocess import read_grey_png
+
 IMAGE_COLUMNS = ["image_id", "path", "template_path", "width", "height", "board_id", "source_split"]
 BOX_COLUMNS = ["image_id", "class_name", "x1", "y1", "x2", "y2"]
 
@@ -128,6 +130,9 @@ def make_boxes_frame(rows: list[dict]) -> pd.DataFrame:
 
 def read_grey(path: str | Path) -> np.ndarray:
     """Decode an image file to (H, W) uint8 grey; RGB is averaged (DeepPCB has a few RGB files)."""
+    fast = read_grey_png(path)  # the pipeline's own PNGs: OpenCV, 2x faster, same pixels
+    if fast is not None:
+        return fast
     with Image.open(path) as im:
         im.load()
         return np.asarray(im.convert("L"))

@@ -7,8 +7,8 @@ Reads the preprocessing contract the export stage stores in the ONNX metadata
 (``model.onnx``, ``model.int8.onnx``) the decoding (sigmoid, 3x3 peaks, top-k, per-class NMS) runs
 here in numpy, as ``inference.decode`` does in torch.
 
-This module must import nothing but the standard library, numpy, onnxruntime and PIL: the
-``pcb-aoi[edge]`` install has no torch (a test enforces it).
+This module must import nothing but the standard library, numpy, onnxruntime and PIL (and OpenCV
+when installed, for faster PNG decoding): the ``pcb-aoi[edge]`` install has no torch (a test enforces it).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from .preprocess import PAD_VALUES
+from .preprocess import PAD_VALUES, read_grey_png
 from .preprocess import prepare_input as _prepare
 
 CONTRACT_KEY, CONTRACT_FORMAT = "pcb_aoi_contract", "pcb-aoi-onnx/1"
@@ -40,6 +40,9 @@ def read_grey(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise EdgeError(f"{path}: image not found")
+    fast = read_grey_png(path)
+    if fast is not None:
+        return fast
     try:
         with Image.open(path) as im:
             im.load()

@@ -7,11 +7,30 @@ Grey uint8 images, copper dark; channels ``test/255, template/255, (test - templ
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+try:  # optional: the edge install may lack OpenCV, and Pillow then decodes every image
+    import cv2
+except ImportError:
+    cv2 = None
 
 PAD_MULTIPLE = 32
 PAD_VALUES = (1.0, 1.0, 0.0)  # test, template, difference: white background, no difference
 _255 = np.float32(255.0)
+
+
+def read_grey_png(path: str | Path) -> np.ndarray | None:
+    """An 8-bit grey PNG decoded by OpenCV (about 2x faster than Pillow: ~1.6 vs 3 ms at 640x640), else None.
+
+    PNG is lossless, so the pixels are those Pillow would give; any other file (JPEG, colour, 16-bit,
+    unreadable, no OpenCV) returns None and the caller decodes it with Pillow, which also explains errors.
+    """
+    if cv2 is None or Path(path).suffix.lower() != ".png":
+        return None
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    return image if image is not None and image.ndim == 2 and image.dtype == np.uint8 else None
 
 
 def prepare_input(test: np.ndarray, template: np.ndarray | None, use_template: bool,

@@ -38,7 +38,7 @@ from .metrics import coco_metrics
 from .model import Detector, DetectorConfig
 
 RESUME_FORMAT = "pcb-aoi-resume/1"
-NOT_IN_FINGERPRINT = ("device", "threads", "workers", "resume")  # how to run, not what is trained
+NOT_IN_FINGERPRINT = ("device", "threads", "workers", "cache_mb", "resume")  # how to run, not what is trained
 
 
 class TrainingDiverged(RuntimeError):
@@ -52,8 +52,10 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, ds: Dataset, classes: tuple[str, ...], use_template: bool, crop: int, seed: int,
-                 flip_rotate: bool = False, scale_jitter: float = 0.0, width_jitter: float = 0.0):
+                 flip_rotate: bool = False, scale_jitter: float = 0.0, width_jitter: float = 0.0,
+                 cache_mb: int = 0):
         self.ds, self.rows = ds, list(ds.images.itertuples(index=False))
+        self.cache = self._decode_all() if 0 < self._decoded_mb() <= cache_mb else None
         self.gt = ds.annotations([r.image_id for r in self.rows], classes)
         self.use_template, self.seed, self.epoch = use_template, seed, 0
         self.width_jitter = width_jitter
@@ -79,12 +81,25 @@ class PairDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _decoded_mb(self) -> float:
+        pixels = self.ds.images["width"] * self.ds.images["height"]
+        return float((pixels * (1 + self.ds.images["template_path"].astype(bool))).sum()) / 2**20
+
+    def _decode_all(self) -> list:
+        """Every (test, template) pair decoded once. Built before the loader forks its worker, which then
+        shares these arrays instead of decoding two images per crop every epoch."""
+        pairs = [load_pair(self.ds, row) for row in tqdm(self.rows, desc="decode training images", unit="image",
+                                                          leave=False, mininterval=2)]
+        for image in (a for pair in pairs for a in pair if a is not None):
+            image.flags.writeable = False  # augmentations must copy, never edit the cache
+        return pairs
+
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
         row = self.rows[i]
-        test, template = load_pair(self.ds, row)
+        test, template = self.cache[i] if self.cache is not None else load_pair(self.ds, row)
         g = self.gt[row.image_id]
         boxes, labels = g["boxes"], g["labels"]
         if self.crop is not None:
@@ -155,7 +170,7 @@ def train_one_epoch(model: torch.nn.Module, loader, opt, sched, epoch: int, devi
     model.train()
     totals = {"loss": 0.0, "heat": 0.0, "box": 0.0}
     for step, (x, boxes, labels) in enumerate(loader):
-        heat_logits, pred_boxes = model(x.to(device))
+        heat_logits, pred_boxes = model(x.to(device, memory_format=torch.channels_last))
         h, w = heat_logits.shape[-2:]
         heat, target, weight = (t.to(device) for t in build_targets(boxes, labels, num_classes, h, w, stride))
         l_heat = focal_loss(heat_logits, heat)
@@ -242,9 +257,10 @@ def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_di
     use_template = cfg.model.use_template and bool(train_ds.images["template_path"].astype(bool).all())
     net = Detector(DetectorConfig(num_classes=len(classes), in_channels=3 if use_template else 1,
                                   width=cfg.model.width, stride=cfg.model.stride)).to(device)
+    net = net.to(memory_format=torch.channels_last)  # NHWC convolutions: ~20% faster CPU training steps
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
     data = PairDataset(train_ds, classes, use_template, cfg.crop_size, seed, cfg.flip_rotate, cfg.scale_jitter,
-                       cfg.width_jitter)
+                       cfg.width_jitter, cfg.cache_mb)
     drop_last = len(data) >= cfg.batch_size
     sampler = torch.utils.data.DistributedSampler(data, ddp.world, ddp.rank, shuffle=True, seed=seed,
                                                   drop_last=drop_last)
