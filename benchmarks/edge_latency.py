@@ -3,7 +3,7 @@ and template files, preprocess, ONNX Runtime, decode + NMS, per execution provid
 side by side in one run. Needs only the `edge` install (numpy, onnxruntime, pillow), so it also runs in
 an environment with `onnxruntime-openvino` instead of `onnxruntime`:
 
-    python -m venv /tmp/ov && /tmp/ov/bin/pip install onnxruntime-openvino numpy pillow
+    python -m venv /tmp/ov && /tmp/ov/bin/pip install onnxruntime-openvino numpy pillow opencv-python-headless
     /tmp/ov/bin/pip install --no-deps .
     /tmp/ov/bin/python benchmarks/edge_latency.py --models models/model.onnx models/model.int8.onnx \\
         --pairs data/clean --providers cpu openvino --out edge_latency.json
