@@ -10,7 +10,10 @@ an environment with `onnxruntime-openvino` instead of `onnxruntime`:
 
 `--pairs` is a folder of `X_test.*` images with `X_temp.*` templates (the clean dataset of a DeepPCB
 run, or the DeepPCB folder itself); per image and provider: p50/p95/p99 of the whole `detect` call
-plus file decoding, and the same without file decoding; FPS = 1000 / p50.
+plus file decoding, and the same without file decoding; FPS = 1000 / p50. Then the app's stream
+mode (`pcb-aoi-detect` on many files, or its folder mode): the next pair is read in a thread while the
+current one is inferred; `stream_fps` = images per second over the timed runs, and `stream_ms_p50`
+the per-image latency there (read start to detections).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from pcb_aoi.edge import PROVIDERS, EdgeModel, read_grey
+from pcb_aoi.edge_app import Detector
+from pcb_aoi.machine import cpu_model
 
 
 def find_pairs(folder: Path, limit: int) -> list[tuple[Path, Path]]:
@@ -55,6 +60,25 @@ def measure(model: EdgeModel, pairs: list, warmup: int, runs: int) -> dict:
             "without_file_decode_ms_p50": p(compute, 50), "fps": round(1e3 / p(total, 50), 2)}
 
 
+def measure_stream(model: EdgeModel, pairs: list, warmup: int, runs: int) -> dict:
+    """Throughput of the app's read-ahead loop (``Detector.process_all``) over the test images."""
+    det = Detector(model, argparse.Namespace(template=None, template_dir=None, score=None, overlay_dir=None,
+                                             quiet=True))
+    images = [pairs[i % len(pairs)][0] for i in range(warmup + runs)]
+    stamps, latency = [], []
+    for i, record in enumerate(det.process_all(images)):
+        if record["status"] != "ok":
+            raise SystemExit(f"{record['file']}: {record['error']}")
+        stamps.append(time.perf_counter())
+        if i >= warmup:
+            latency.append(record["ms"])
+    seconds = stamps[-1] - stamps[warmup - 1] if warmup else None
+    if seconds is None:  # no warm-up: time from the first result (one image fewer)
+        seconds, runs = stamps[-1] - stamps[0], runs - 1
+    return {"stream_fps": round(runs / seconds, 2) if seconds > 0 else None,
+            "stream_ms_p50": round(float(np.percentile(latency, 50)), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", type=Path, required=True, help="exported pcb-aoi ONNX models")
@@ -73,11 +97,11 @@ def main() -> None:
         for path in args.models:
             model = EdgeModel(path, threads=args.threads, provider=provider)
             r = {"model": path.name, "provider": provider, "end_to_end": model.end_to_end,
-                 **measure(model, pairs, args.warmup, args.runs)}
+                 **measure(model, pairs, args.warmup, args.runs), **measure_stream(model, pairs, args.warmup, args.runs)}
             results.append(r)
             print(json.dumps(r), flush=True)
-    report = {"image_size": [size[1], size[0]], "threads": args.threads or os.cpu_count(), "runs": args.runs,
-              "results": results}
+    report = {"image_size": [size[1], size[0]], "threads": args.threads or os.cpu_count(), "cpu": cpu_model(),
+              "runs": args.runs, "results": results}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -99,7 +99,7 @@ def main() -> None:
     result = {"overrides": overrides, "fresh_repro_s": fresh, "noop_repro_s": noop, "stages_s": stages,
               "map50": metrics["map50"], "map33": metrics["map33"], "map": metrics["map"],
               "escape_rate": metrics["escape_rate"], "per_class": metrics["per_class"],
-              "train": {k: train.get(k) for k in ("epochs", "best_epoch", "val_map50", "seconds_per_epoch",
+              "train": {k: train.get(k) for k in ("epochs", "best_epoch", "val_map", "val_map50", "seconds_per_epoch",
                                                   "train_seconds", "peak_rss_mb", "threads", "device")},
               "ort_vs_torch_speedup": bench.get("ort_vs_torch_speedup")}
     print(json.dumps(result, indent=2))

@@ -290,6 +290,7 @@ def test_edge_latency_benchmark_runs_without_torch(models, no_torch_env, tmp_pat
         ("model.onnx", "cpu", False), ("model.e2e.onnx", "cpu", True)]
     for x in report["results"]:
         assert 0 < x["without_file_decode_ms_p50"] <= x["ms_p50"] <= x["ms_p95"] <= x["ms_p99"]
+        assert x["stream_fps"] > 0 and x["stream_ms_p50"] > 0
     empty = tmp_path / "empty"
     empty.mkdir()
     r = subprocess.run([sys.executable, str(SRC.parent / "benchmarks/edge_latency.py"), "--models", str(raw),

@@ -61,6 +61,7 @@ def test_repro_writes_every_report(repo):
     compute = bench["compute"]
     assert compute["parameters"] > 0 and compute["train_step_memory"]["total_mb"] > compute["train_step_memory"]["weights_mb"]
     assert compute["seconds_per_epoch"] > 0 and compute["dataset_mb"]["clean"] > 0
+    assert bench["cpu"] and bench["cpu"] != "unknown" and bench["cpu"] in compute["measured_on"]
     rows = (repo / "reports/benchmark/latency_map.csv").read_text().splitlines()
     assert rows[0] == "variant,ms_p50,map50" and len(rows) == 1 + len(bench["variants"])
     export = json.loads((repo / "reports/export.json").read_text())

@@ -50,16 +50,29 @@ def test_same_seed_same_weights_and_metrics(tiny_pipeline, tmp_path):
     aug = {"flip_rotate": True, "scale_jitter": 0.2, "width_jitter": 0.5}
     a = run_train(tiny_pipeline, tmp_path / "a", workers=1, **aug)
     b = run_train(tiny_pipeline, tmp_path / "b", workers=0, **aug)
-    assert a["val_map50"] == b["val_map50"] and a["best_epoch"] == b["best_epoch"]
+    assert a["val_map"] == b["val_map"] and a["val_map50"] == b["val_map50"] and a["best_epoch"] == b["best_epoch"]
     assert same_weights(tmp_path / "a/models/model.pt", tmp_path / "b/models/model.pt")
     assert not (tmp_path / "a/models/checkpoints/last.pt").exists(), "a finished run leaves nothing to resume"
 
 
-def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_pipeline, tmp_path):
+def test_bf16_mixed_precision_trains_deterministically_and_saves_float32_weights(tiny_pipeline, tmp_path):
+    a = run_train(tiny_pipeline, tmp_path / "a", epochs=2, precision="bf16")
+    b = run_train(tiny_pipeline, tmp_path / "b", epochs=2, precision="bf16")
+    assert a["val_map50"] == b["val_map50"]
+    assert same_weights(tmp_path / "a/models/model.pt", tmp_path / "b/models/model.pt")
+    w = weights(tmp_path / "a/models/model.pt")
+    assert all(v.dtype in (torch.float32, torch.int64) and (not v.is_floating_point() or v.isfinite().all())
+               for v in w.values())
+    run_train(tiny_pipeline, tmp_path / "c", epochs=2)
+    assert not same_weights(tmp_path / "a/models/model.pt", tmp_path / "c/models/model.pt"), "bf16 had no effect"
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9], ids=["raw-weights", "ema-weights"])
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_pipeline, tmp_path, ema_decay):
     epochs = 5
-    whole = run_train(tiny_pipeline, tmp_path / "whole", epochs=epochs)
+    whole = run_train(tiny_pipeline, tmp_path / "whole", epochs=epochs, ema_decay=ema_decay)
     out = tmp_path / "killed"
-    write_stage_params(tiny_pipeline, out, epochs=epochs)
+    write_stage_params(tiny_pipeline, out, epochs=epochs, ema_decay=ema_decay)
     last = out / "models/checkpoints/last.pt"
     proc = subprocess.Popen(stage_cmd(tiny_pipeline, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     while not last.exists() and proc.poll() is None:
@@ -75,7 +88,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_pipeline, tm
     assert f"resuming from {last} after epoch {killed_after}" in r.stdout
     report = json.loads((out / "train.json").read_text())
     assert report["resumed_from_epoch"] == killed_after
-    assert report["best_epoch"] == whole["best_epoch"] and report["val_map50"] == whole["val_map50"]
+    assert report["best_epoch"] == whole["best_epoch"] and report["val_map"] == whole["val_map"]
     assert same_weights(out / "models/model.pt", tmp_path / "whole/models/model.pt")
     # The curves cover every epoch, the interrupted ones included.
     loss_tsv = out / "live/plots/metrics/train/loss.tsv"
@@ -111,6 +124,32 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint
     assert changed["resumed_from_epoch"] is None
 
 
+def test_ema_warms_up_then_averages_weights_and_batchnorm_statistics():
+    torch.manual_seed(0)
+    net = train.Detector(train.DetectorConfig(num_classes=6, width=4))
+    ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=train.ema_update(0.5), use_buffers=True)
+    first = {k: v.clone() for k, v in net.state_dict().items()}
+    ema.update_parameters(net)  # the first update copies
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            t.add_(1)  # weights, BN running stats and the BN step counters all move by 1
+    ema.update_parameters(net)  # second: warm-up decay (1 + 1) / (10 + 1) = 0.18 < 0.5
+    ema.update_parameters(net)  # third: decay (1 + 2) / (10 + 2) = 0.25
+    d1, d2 = 2 / 11, 3 / 12
+    for k, v in ema.module.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, first[k] + 1 - d1 * d2, atol=1e-5), k
+        else:
+            assert torch.equal(v, first[k] + 1), k  # counters are copied, not averaged
+    # After the warm-up the decay is the configured one.
+    ema.n_averaged.fill_(10**6)
+    before = ema.module.c2[0].weight.clone()
+    with torch.no_grad():
+        net.c2[0].weight.add_(2.0)
+    ema.update_parameters(net)
+    assert torch.allclose(ema.module.c2[0].weight, before + 0.5 * (net.c2[0].weight - before), atol=1e-6)
+
+
 def test_incompatible_resume_point_is_ignored_saying_which_keys_differ(tiny_pipeline, tmp_path, capsys):
     d, p = tiny_pipeline
     last = tmp_path / "models/checkpoints/last.pt"
@@ -118,7 +157,7 @@ def test_incompatible_resume_point_is_ignored_saying_which_keys_differ(tiny_pipe
     net = train.Detector(train.DetectorConfig(num_classes=6, width=p.train.model.width))
     opt = torch.optim.AdamW(net.parameters())
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.5, total_steps=10)
-    train.save_resume(last, fp, net, opt, sched, 0, 0.1, 0, [{"train/loss": 1.0}], [1.0])
+    train.save_resume(last, fp, net, None, opt, sched, 0, {"map": 0.1, "map50": 0.2}, 0, [{"train/loss": 1.0}], [1.0])
     summary = run_train(tiny_pipeline, tmp_path)
     out = capsys.readouterr().out
     assert "not resuming" in out and f"train.lr (0.5 -> {p.train.lr})" in out
@@ -192,7 +231,7 @@ def test_without_a_val_split_every_non_test_board_trains_and_the_last_epoch_is_k
     cfg = dataclasses.replace(p.train, epochs=2)
     report = train.run(cfg, p.seed, p.classes, d / "augmented", d / "clean", tmp_path / "split",
                        tmp_path / "models/model.pt", tmp_path / "live")
-    assert report["val_map50"] is None and report["best_epoch"] == 1
+    assert report["val_map50"] is None and report["val_map"] is None and report["best_epoch"] == 1
     assert torch.load(tmp_path / "models/model.pt", weights_only=True)["provenance"]["epoch"] == 1
 
 

@@ -27,6 +27,7 @@ from .dataset import Dataset, atomic_dir, write_json
 from .evaluate import score, test_ids
 from .export import ort_runner, ort_session
 from .inference import Runner, decode, load_pair, prepare_input, stack_padded, torch_runner
+from .machine import cpu_model
 
 
 def _percentiles(ms: list[float]) -> dict:
@@ -146,6 +147,7 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
     cpu = "CPUExecutionProvider"
     report = {
         "threads": threads,
+        "cpu": cpu_model(),
         "image_size": [int(rows[0].width), int(rows[0].height)],
         "providers": providers,
         "variants": variants,
@@ -176,6 +178,6 @@ def sizing(model, ckpt: dict, train_report, train_cfg, data_dirs: tuple) -> dict
         t = json.loads(Path(train_report).read_text())
         out.update({k: t.get(k) for k in ("seconds_per_epoch", "epochs", "peak_rss_mb", "train_images", "device",
                                           "threads")})
-        out["measured_on"] = f"{t.get('cpu_count')} CPU cores" if t.get("device", "cpu") == "cpu" else t.get("device")
+        out["measured_on"] = f"{t.get('cpu_count')} cores of {t.get('cpu', 'an unknown CPU')}" if t.get("device", "cpu") == "cpu" else t.get("device")
     out["dataset_mb"] = {Path(d).name: du_mb(d) for d in data_dirs}
     return out

@@ -84,6 +84,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 3e-3
     weight_decay: float = 1e-4
+    ema_decay: float = 0.0  # exponential moving average of the weights (validated, saved); 0 = off
     crop_size: int = 160  # random training crops (fully convolutional model); 0 = full image
     flip_rotate: bool = False  # random flips and 90-degree turns of each crop, every epoch
     scale_jitter: float = 0.0  # random rescale by 1 +- this before cropping; 0 = off
@@ -92,6 +93,7 @@ class TrainConfig:
     workers: int = 1  # data-loading processes beside training; 0 = load in the training process
     cache_mb: int = 4096  # keep the decoded training images in RAM when they fit in this many MiB; 0 = never
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the GPU when torch sees one
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast forward (CPUs with AVX512-BF16/AMX, GPUs)
     val_every: int = 1  # validate every N epochs (and after the last)
     resume: bool = True  # continue an interrupted run from models/checkpoints/last.pt when compatible
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -232,6 +234,7 @@ def _validate(p: Params) -> None:
         "split.val_fraction": (p.split.val_fraction, 0, 1),
         "split.test_fraction": (p.split.test_fraction, 0, 1),
         "train.width_jitter": (p.train.width_jitter, 0, 1),
+        "train.ema_decay": (p.train.ema_decay, 0, 0.99999),
         "train.workers": (p.train.workers, 0, 16),
         "train.cache_mb": (p.train.cache_mb, 0, inf),
         "augment.copies": (a.copies, 0, inf),

@@ -78,6 +78,8 @@ class Detector(nn.Module):
     def decode_boxes(self, raw: torch.Tensor) -> torch.Tensor:
         """(B, 4, h, w) raw = (dx, dy, log w, log h) in stride units -> (B, 4, h, w) x1 y1 x2 y2 pixels."""
         s = float(self.cfg.stride)
+        if raw.dtype != torch.float32:  # bf16 autocast: pixel coordinates need float32 (bf16 is 1 px coarse at 256)
+            raw = raw.float()
         h, w = raw.shape[-2:]
         ys = (torch.arange(h, dtype=raw.dtype, device=raw.device) + 0.5) * s
         xs = (torch.arange(w, dtype=raw.dtype, device=raw.device) + 0.5) * s
