@@ -86,3 +86,28 @@ def test_failed_stage_leaves_previous_output(tmp_path):
         etl.run(EtlConfig(), CLASSES, root, out)
     assert sorted(p.name for p in out.rglob("*")) == before
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name], "temp folder left behind"
+
+
+def test_etl_registers_templates_lists_the_moves_and_records_the_setting(tmp_path):
+    from pcb_aoi.dataset import read_grey, registration_px
+    from pcb_aoi.synth import SynthConfig, board_samples
+    root = tmp_path / "raw"
+    (root / "images").mkdir(parents=True)
+    rows, originals = [], {}
+    for i, (dx, dy) in enumerate([(0, 0), (4, -3)]):
+        s = board_samples(SynthConfig(image_size=128, images_per_board=1, max_shift_px=0.0), 0, i)[0]
+        Image.fromarray(s.test).save(root / f"images/{i}_test.png")
+        Image.fromarray(np.roll(s.template, (dy, dx), axis=(0, 1))).save(root / f"images/{i}_temp.png")
+        originals[str(i)] = s.template
+        rows.append(dict(image_id=str(i), path=f"images/{i}_test.png", template_path=f"images/{i}_temp.png",
+                         width=128, height=128, board_id=str(i), source_split=""))
+    Dataset(root, make_images_frame(rows), make_boxes_frame([])).save(root)
+    report = etl.run(EtlConfig(register_max_px=6), CLASSES, root, tmp_path / "clean")
+    assert report["registered_pairs_moved"] == 1
+    assert report["registration_moves"] == [{"image_id": "1", "dx": -4, "dy": 3}]
+    clean = Dataset.load(tmp_path / "clean")
+    registered = read_grey(clean.root / clean.images.set_index("image_id").loc["1", "template_path"])
+    assert np.array_equal(registered[6:-6, 6:-6], originals["1"][6:-6, 6:-6])
+    assert registration_px(tmp_path / "clean") == 6
+    etl.run(EtlConfig(), CLASSES, root, tmp_path / "as_given")
+    assert registration_px(tmp_path / "as_given") == 0

@@ -17,6 +17,7 @@ from pcb_aoi.config import CLASSES
 from pcb_aoi.dataset import Dataset
 from pcb_aoi.inference import load_pair, predict, prepare_input, torch_runner
 from pcb_aoi.model import Detector, DetectorConfig
+from pcb_aoi.preprocess import register_template
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -296,3 +297,21 @@ def test_edge_latency_benchmark_runs_without_torch(models, no_torch_env, tmp_pat
     r = subprocess.run([sys.executable, str(SRC.parent / "benchmarks/edge_latency.py"), "--models", str(raw),
                         "--pairs", str(empty)], env=no_torch_env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "no X_test.* / X_temp.* image pairs" in r.stderr
+
+
+def test_a_model_trained_on_registered_pairs_makes_the_app_register_each_pair(models, tmp_path):
+    model, plain_path, _, ds = models
+    ckpt = {"classes": list(CLASSES), "input_spec": checkpoint.input_spec(True, register_max_px=8),
+            "model_config": model.cfg.to_dict()}
+    row = ds.rows(ds.images.image_id[:1])[0]
+    test, template = edge.read_grey(ds.root / row.path), edge.read_grey(ds.root / row.template_path)
+    x = torch.from_numpy(prepare_input(test, template, True)[None])
+    export.export(model, ckpt, x, tmp_path / "registered.onnx", opset=17, score_threshold=0.3)
+    registering, plain = edge.EdgeModel(tmp_path / "registered.onnx"), edge.EdgeModel(plain_path)
+    assert registering.contract["register_max_px"] == 8 and plain.contract["register_max_px"] == 0
+    moved = np.roll(template, (3, -5), axis=(0, 1))  # a badly registered pair
+    fixed, shift = register_template(test, moved, 8)
+    assert max(abs(shift[0] - 5), abs(shift[1] + 3)) <= 1  # the synthetic pairs come up to 1 px off already
+    as_dicts = lambda dets: [d.to_dict() for d in dets]  # noqa: E731
+    assert as_dicts(registering.detect(test, moved)) == as_dicts(plain.detect(test, fixed))
+    assert as_dicts(plain.detect(test, moved)) != as_dicts(plain.detect(test, fixed)), "the shift changed nothing"

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from pcb_aoi.preprocess import pad_to, prepare_input, read_grey_png, stack_padded
+from pcb_aoi.preprocess import (pad_to, prepare_input, read_grey_png, register_template, registration_shift,
+                               stack_padded)
 
 
 def reference(test, template, use_template, multiple=32):
@@ -57,3 +58,29 @@ def test_fast_png_decoding_gives_pillows_pixels_and_leaves_every_other_file_to_p
     (tmp_path / "broken.png").write_bytes((tmp_path / "grey.png").read_bytes()[:100])
     for name in ("grey.jpg", "rgb.png", "deep.png", "broken.png", "missing.png"):
         assert read_grey_png(tmp_path / name) is None, name
+
+
+def _board_pair(dx, dy, seed=0, size=256):
+    """A synthetic board (test, with defects) and its template moved by (dx, dy) px."""
+    from pcb_aoi.synth import SynthConfig, board_samples
+    sample = board_samples(SynthConfig(image_size=size, images_per_board=1, max_shift_px=0.0), seed, 0)[0]
+    template = np.roll(sample.template, (dy, dx), axis=(0, 1))
+    return sample.test, template, sample.template
+
+
+@pytest.mark.parametrize("dx, dy", [(0, 0), (3, -5), (-7, 2), (1, 1), (-8, -8)])
+def test_registration_finds_the_shift_of_the_template_and_moves_it_back(dx, dy):
+    test, moved, original = _board_pair(dx, dy)
+    assert registration_shift(test, moved, 8) == (-dx, -dy)
+    registered, shift = register_template(test, moved, 8)
+    assert shift == (-dx, -dy) and registered.shape == moved.shape and registered.dtype == np.uint8
+    m = 8  # away from the repeated border the registered template is the original one
+    assert np.array_equal(registered[m:-m, m:-m], original[m:-m, m:-m])
+
+
+def test_registration_never_moves_further_than_allowed_and_leaves_tiny_images_alone():
+    test, moved, _ = _board_pair(12, 0)
+    dx, dy = registration_shift(test, moved, 4)
+    assert max(abs(dx), abs(dy)) <= 4
+    small = np.zeros((24, 24), np.uint8)
+    assert register_template(small, small, 8) == (small, (0, 0))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -274,3 +275,16 @@ def test_decoded_image_cache_gives_the_same_crops_and_cannot_be_edited(tiny_pipe
     assert not test.flags.writeable and not template.flags.writeable
     with pytest.raises(ValueError):
         np.add(test, 1, out=test)
+
+
+def test_template_shift_moves_half_the_templates_by_at_most_the_limit_and_is_seeded():
+    template = np.full((100, 120), 255, np.uint8)
+    template[50, 60] = 0  # one dark pixel to follow
+    moved = 0
+    for seed in range(200):
+        out = train.shift_template(template, 5, seed)
+        assert out.shape == template.shape and np.array_equal(out, train.shift_template(template, 5, seed))
+        y, x = np.argwhere(out == 0)[0]
+        assert abs(y - 50) <= 5 and abs(x - 60) <= 5 and (out == 0).sum() == 1
+        moved += (y, x) != (50, 60)
+    assert 70 < moved < 110  # half the seeds shift; (0, 0) is one of the 121 draws

@@ -12,7 +12,7 @@ from .model import Detector, DetectorConfig
 FORMAT = "pcb-aoi-checkpoint/1"
 
 
-def input_spec(use_template: bool) -> dict:
+def input_spec(use_template: bool, register_max_px: int = 0) -> dict:
     return {
         "channels": ["test", "template", "test-template"] if use_template else ["test"],
         "use_template": use_template,
@@ -20,16 +20,18 @@ def input_spec(use_template: bool) -> dict:
         "scale": 1 / 255,
         "pad_multiple": PAD_MULTIPLE,
         "pad_value": "1.0 for images, 0.0 for the difference",
+        "register_max_px": register_max_px if use_template else 0,  # template moved onto the test image first
     }
 
 
-def save(path: str | Path, model: Detector, classes: tuple[str, ...], use_template: bool, **provenance) -> None:
+def save(path: str | Path, model: Detector, classes: tuple[str, ...], use_template: bool, register_max_px: int = 0,
+         **provenance) -> None:
     state = {
         "format": FORMAT,
         "model_state": model.state_dict(),
         "model_config": model.cfg.to_dict(),
         "classes": list(classes),
-        "input_spec": input_spec(use_template),
+        "input_spec": input_spec(use_template, register_max_px),
         "provenance": provenance,
     }
     with atomic_file(path) as tmp:

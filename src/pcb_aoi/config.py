@@ -52,6 +52,7 @@ class EtlConfig:
     tile_size: int = 0  # images larger than this (px) are cut into tiles of this size; 0 = never
     tile_overlap: int = 64  # px shared by neighbouring tiles
     tile_min_visibility: float = 0.5  # a cut box keeps its label if this fraction of it is in the tile
+    register_max_px: int = 0  # move each template onto its test image by up to this many px; 0 = as given
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class TrainConfig:
     flip_rotate: bool = False  # random flips and 90-degree turns of each crop, every epoch
     scale_jitter: float = 0.0  # random rescale by 1 +- this before cropping; 0 = off
     width_jitter: float = 0.0  # probability that a crop's copper grows or shrinks by 1 px (test and template)
+    template_shift: int = 0  # half the crops: template moved by up to this many px per axis (misregistration)
     threads: int = 0  # torch intra-op threads; 0 = all cores
     workers: int = 1  # data-loading processes beside training; 0 = load in the training process
     cache_mb: int = 4096  # keep the decoded training images in RAM when they fit in this many MiB; 0 = never
@@ -220,8 +222,9 @@ def _validate(p: Params) -> None:
         raise ConfigError(f"train.model.stride: {p.train.model.stride} is not allowed; expected 4 or 8")
     if not 0 <= p.train.scale_jitter < 1:
         raise ConfigError(f"train.scale_jitter: {p.train.scale_jitter} must be in [0, 1)")
-    if (p.train.flip_rotate or p.train.scale_jitter or p.train.width_jitter) and not p.train.crop_size:
-        raise ConfigError("train.flip_rotate / train.scale_jitter / train.width_jitter need train.crop_size > 0")
+    if (p.train.flip_rotate or p.train.scale_jitter or p.train.width_jitter or p.train.template_shift) and not p.train.crop_size:
+        raise ConfigError("train.flip_rotate / train.scale_jitter / train.width_jitter / train.template_shift need "
+                          "train.crop_size > 0")
     inf = float("inf")
     s, a = p.ingest.synthetic, p.augment
     ranges = {  # key: (value, lowest, highest allowed), inclusive; the ranges params.yaml documents
@@ -231,11 +234,13 @@ def _validate(p: Params) -> None:
         "ingest.synthetic.jpeg_quality[1]": (s.jpeg_quality[1], s.jpeg_quality[0], 95),
         "etl.min_box_px": (p.etl.min_box_px, 0, inf),
         "etl.tile_min_visibility": (p.etl.tile_min_visibility, 0, 1),
+        "etl.register_max_px": (p.etl.register_max_px, 0, 64),
         "split.val_fraction": (p.split.val_fraction, 0, 1),
         "split.test_fraction": (p.split.test_fraction, 0, 1),
         "train.width_jitter": (p.train.width_jitter, 0, 1),
         "train.ema_decay": (p.train.ema_decay, 0, 0.99999),
         "train.workers": (p.train.workers, 0, 16),
+        "train.template_shift": (p.train.template_shift, 0, 32),
         "train.cache_mb": (p.train.cache_mb, 0, inf),
         "augment.copies": (a.copies, 0, inf),
         **{f"augment.{k}": (getattr(a, k), 0, 1) for k in ("hflip_p", "vflip_p", "rot90_p", "brightness_contrast_p", "noise_p")},

@@ -138,6 +138,15 @@ def read_grey(path: str | Path) -> np.ndarray:
         return np.asarray(im.convert("L"))
 
 
+REGISTRATION = "registration.json"  # in a clean dataset folder: {"max_px": N} when etl registered its pairs
+
+
+def registration_px(root: str | Path) -> int:
+    """The registration search range etl applied to the pairs in ``root`` (0: pairs as given)."""
+    path = Path(root) / REGISTRATION
+    return int(json.loads(path.read_text())["max_px"]) if path.is_file() else 0
+
+
 def per_class_counts(boxes: pd.DataFrame, classes: tuple[str, ...]) -> dict[str, int]:
     counts = boxes["class_name"].value_counts()
     return {c: int(counts.get(c, 0)) for c in classes}

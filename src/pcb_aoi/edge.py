@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from .preprocess import PAD_VALUES, read_grey_png
+from .preprocess import PAD_VALUES, read_grey_png, register_template
 from .preprocess import prepare_input as _prepare
 
 CONTRACT_KEY, CONTRACT_FORMAT = "pcb_aoi_contract", "pcb-aoi-onnx/1"
@@ -163,6 +163,7 @@ class EdgeModel:
                             f"{CONTRACT_FORMAT!r} (update pcb-aoi or re-export the model)")
         self.path, self.classes = path, self.contract["classes"]
         self.needs_template = bool(self.contract["needs_template"])
+        self.register_px = int(self.contract.get("register_max_px", 0))  # older models: pairs as given
         self.end_to_end = self.contract["outputs"] == "detections"
         self.input_name = self.session.get_inputs()[0].name
 
@@ -177,6 +178,8 @@ class EdgeModel:
             if template.shape != test.shape:
                 raise EdgeError(f"{name}: template is {template.shape[1]}x{template.shape[0]} px, image "
                                 f"{test.shape[1]}x{test.shape[0]} px; they must be the same size")
+        if self.register_px:  # the model was trained on registered pairs: register this one too
+            template, _ = register_template(test, template, self.register_px)
         x = prepare_input(test, template, self.contract)[None]
         outputs = self.session.run(None, {self.input_name: x})
         if self.end_to_end:

@@ -5,11 +5,15 @@ for byte, its template does not match its size, or one of its boxes is invalid (
 degenerate, or outside the image unless ``etl.out_of_image: clip``). Rejections and clips are listed
 in the report with the reason; nothing is dropped silently. Images larger than ``etl.tile_size``
 (PKU-style photos) are cut into overlapping tiles; a cut box keeps its label when at least
-``etl.tile_min_visibility`` of it lies in the tile.
+``etl.tile_min_visibility`` of it lies in the tile. With ``etl.register_max_px`` > 0 each template is
+registered to its test image (moved by the integer shift that best matches them, see
+``preprocess.registration_shift``); the moves are listed in the report and the clean folder records
+the setting, which the model's contract then passes on to the edge app.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .config import EtlConfig
-from .dataset import Dataset, atomic_dir, make_boxes_frame, make_images_frame, per_class_counts, read_grey
+from .dataset import (REGISTRATION, Dataset, atomic_dir, make_boxes_frame, make_images_frame, per_class_counts,
+                      read_grey)
+from .preprocess import register_template
 
 
 def box_problem(row, width: int, height: int, classes: tuple[str, ...], min_px: float) -> str | None:
@@ -76,7 +82,7 @@ def _tiles(cfg: EtlConfig, test: np.ndarray):
 def run(cfg: EtlConfig, classes: tuple[str, ...], src: str | Path, out: str | Path) -> dict:
     """Clean dataset ``src`` into ``out`` atomically; return the ``reports/etl.json`` summary."""
     ds = Dataset.load(src)
-    images, boxes, rejected, clipped, seen = [], [], [], [], {}
+    images, boxes, rejected, clipped, moved, seen = [], [], [], [], [], {}
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         for img in tqdm(ds.images.itertuples(index=False), total=len(ds.images), desc="etl", unit="img"):
@@ -91,6 +97,10 @@ def run(cfg: EtlConfig, classes: tuple[str, ...], src: str | Path, out: str | Pa
                 template, why = _decode(ds.root / img.template_path)
                 if why is None and template.shape != test.shape:
                     why = f"{img.template_path}: template is {template.shape[::-1]}, test image is {test.shape[::-1]}"
+            if why is None and template is not None and cfg.register_max_px:
+                template, shift = register_template(test, template, cfg.register_max_px)
+                if shift != (0, 0):
+                    moved.append({"image_id": img.image_id, "dx": shift[0], "dy": shift[1]})
             if why is None and (test.shape[1], test.shape[0]) != (img.width, img.height):
                 why = f"{img.path}: manifest says {img.width}x{img.height}, file is {test.shape[1]}x{test.shape[0]}"
             own = ds.boxes_of(img.image_id)
@@ -114,15 +124,19 @@ def run(cfg: EtlConfig, classes: tuple[str, ...], src: str | Path, out: str | Pa
                 boxes += part.assign(image_id=row["image_id"]).to_dict("records")
         clean = Dataset(tmp, make_images_frame(images), make_boxes_frame(boxes))
         clean.save(tmp)
+        if cfg.register_max_px:
+            (tmp / REGISTRATION).write_text(json.dumps({"max_px": cfg.register_max_px}) + "\n")
     return {
         "images": len(images),
         "boxes": len(boxes),
         "source_images": int(len(ds.images)),
         "rejected_images": len(rejected),
         "clipped_boxes": len(clipped),
+        "registered_pairs_moved": len(moved),  # templates moved onto their test image (etl.register_max_px)
         "per_class": per_class_counts(clean.boxes, classes),
         "rejected": rejected,
         "clipped": clipped,
+        "registration_moves": moved,
     }
 
 

@@ -58,6 +58,8 @@ def contract(ckpt: dict, score_threshold: float, end_to_end: bool) -> dict:
         "scale": 1 / 255,
         "pad_multiple": PAD_MULTIPLE,  # pad bottom/right to a multiple of this
         "pad_values": list(PAD_VALUES[: len(spec["channels"])]),  # per channel, after scaling
+        # > 0: move the template onto the test image first (preprocess.register_template, this search range)
+        "register_max_px": int(spec.get("register_max_px", 0)),
         "outputs": "detections" if end_to_end else "raw",
         "output_names": e2e.OUTPUTS if end_to_end else OUTPUTS,
         "decode": {"top_k": e2e.TOP_K, "nms_iou": e2e.NMS_IOU, "min_score": e2e.MIN_SCORE},

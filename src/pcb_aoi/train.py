@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import augment, checkpoint
 from .config import TrainConfig, to_dict
-from .dataset import Dataset, atomic_dir, atomic_file, split_ids
+from .dataset import Dataset, atomic_dir, atomic_file, registration_px, split_ids
 from .inference import load_pair, predict, prepare_input, stack_padded, torch_runner
 from .loss import box_loss, build_targets, focal_loss
 from .machine import cpu_model
@@ -56,12 +56,12 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds: Dataset, classes: tuple[str, ...], use_template: bool, crop: int, seed: int,
                  flip_rotate: bool = False, scale_jitter: float = 0.0, width_jitter: float = 0.0,
-                 cache_mb: int = 0):
+                 cache_mb: int = 0, template_shift: int = 0):
         self.ds, self.rows = ds, list(ds.images.itertuples(index=False))
         self.cache = self._decode_all() if 0 < self._decoded_mb() <= cache_mb else None
         self.gt = ds.annotations([r.image_id for r in self.rows], classes)
         self.use_template, self.seed, self.epoch = use_template, seed, 0
-        self.width_jitter = width_jitter
+        self.width_jitter, self.template_shift = width_jitter, template_shift
         self.crop = None
         if crop:
             # Crops that hold at least one defect: most of the signal at a fraction of the compute.
@@ -112,6 +112,8 @@ class PairDataset(torch.utils.data.Dataset):
             labels = np.asarray(labels, np.int64)
             if self.width_jitter:
                 test, template = jitter_copper_width(test, template, self.width_jitter, item_seed)
+            if self.template_shift and template is not None:
+                template = shift_template(template, self.template_shift, item_seed)
         x = prepare_input(test, template, self.use_template)
         return torch.from_numpy(x), torch.from_numpy(boxes), torch.from_numpy(labels)
 
@@ -129,6 +131,22 @@ def jitter_copper_width(test: np.ndarray, template: np.ndarray, p: float, seed: 
     op = cv2.erode if grow else cv2.dilate  # copper is dark: a min filter grows it
     kernel = np.ones((3, 3), np.uint8)
     return op(test, kernel), op(template, kernel)
+
+
+def shift_template(template: np.ndarray, max_px: int, seed: int) -> np.ndarray:
+    """For half the seeds, the template moved by a random (dx, dy) in [-max_px, max_px]^2, borders repeated.
+
+    Real pairs are not always registered: 57 of DeepPCB group 20085's 291 pairs are off by 1.5 to 7 px,
+    and every misaligned pair paints the outline of the whole layout into the difference channel. Seeing
+    such pairs in training teaches the model that this outline is not a defect.
+    """
+    rng = np.random.default_rng((seed, 7))
+    if rng.random() >= 0.5:
+        return template
+    dx, dy = (int(v) for v in rng.integers(-max_px, max_px + 1, size=2))
+    h, w = template.shape
+    padded = np.pad(template, max_px, mode="edge")
+    return padded[max_px - dy:max_px - dy + h, max_px - dx:max_px - dx + w]
 
 
 def collate(batch):
@@ -283,7 +301,7 @@ def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_di
     net = net.to(device, memory_format=torch.channels_last)  # NHWC convolutions: ~20% faster CPU training steps
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
     data = PairDataset(train_ds, classes, use_template, cfg.crop_size, seed, cfg.flip_rotate, cfg.scale_jitter,
-                       cfg.width_jitter, cfg.cache_mb)
+                       cfg.width_jitter, cfg.cache_mb, cfg.template_shift)
     drop_last = len(data) >= cfg.batch_size
     sampler = torch.utils.data.DistributedSampler(data, ddp.world, ddp.rank, shuffle=True, seed=seed,
                                                   drop_last=drop_last)
@@ -355,7 +373,7 @@ def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_di
             improved = scores is not None and scores["map"] > best["map"]
             if ddp.main and (improved or (not val_ids and last)):
                 best, best_epoch = (scores if improved else best), epoch
-                checkpoint.save(model_out, kept_net, classes, use_template, epoch=epoch, val_map=best["map"] if scores
+                checkpoint.save(model_out, kept_net, classes, use_template, registration_px(clean_dir), epoch=epoch, val_map=best["map"] if scores
                                 else None, val_map50=best["map50"], seed=seed, torch=str(torch.__version__),
                                 train_images=len(data))
             if live:
