@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pcb_aoi import checkpoint, edge, export
+from pcb_aoi import checkpoint, edge, edge_app, export
 from pcb_aoi.config import CLASSES
 from pcb_aoi.dataset import Dataset
 from pcb_aoi.inference import load_pair, predict, prepare_input, torch_runner
@@ -315,3 +315,9 @@ def test_a_model_trained_on_registered_pairs_makes_the_app_register_each_pair(mo
     as_dicts = lambda dets: [d.to_dict() for d in dets]  # noqa: E731
     assert as_dicts(registering.detect(test, moved)) == as_dicts(plain.detect(test, fixed))
     assert as_dicts(plain.detect(test, moved)) != as_dicts(plain.detect(test, fixed)), "the shift changed nothing"
+    # The app registers in its reader thread: the same detections.
+    Image.fromarray(test).save(tmp_path / "board.png")
+    Image.fromarray(moved).save(tmp_path / "golden.png")
+    assert edge_app.main(["--model", str(tmp_path / "registered.onnx"), str(tmp_path / "board.png"), "--template",
+                 str(tmp_path / "golden.png"), "--out", str(tmp_path / "out.jsonl"), "--quiet"]) == 0
+    assert read_jsonl(tmp_path / "out.jsonl")[0]["detections"] == as_dicts(plain.detect(test, fixed))

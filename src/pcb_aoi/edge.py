@@ -167,9 +167,18 @@ class EdgeModel:
         self.end_to_end = self.contract["outputs"] == "detections"
         self.input_name = self.session.get_inputs()[0].name
 
+    def register(self, test: np.ndarray, template: np.ndarray) -> np.ndarray:
+        """The template moved onto ``test`` when the model was trained on registered pairs, else as given."""
+        if not self.register_px or template is None or template.shape != test.shape:
+            return template
+        return register_template(test, template, self.register_px)[0]
+
     def detect(self, test: np.ndarray, template: np.ndarray | None = None, score_threshold: float | None = None,
-               name: str = "image") -> list[Detection]:
-        """Detections on one (H, W) uint8 image (and its template), score above the threshold."""
+               name: str = "image", registered: bool = False) -> list[Detection]:
+        """Detections on one (H, W) uint8 image (and its template), score above the threshold.
+
+        ``registered``: the caller already ran ``register`` on this pair (the app does it while reading).
+        """
         thr = self.contract["score_threshold"] if score_threshold is None else score_threshold
         if self.needs_template:
             if template is None:
@@ -178,8 +187,8 @@ class EdgeModel:
             if template.shape != test.shape:
                 raise EdgeError(f"{name}: template is {template.shape[1]}x{template.shape[0]} px, image "
                                 f"{test.shape[1]}x{test.shape[0]} px; they must be the same size")
-        if self.register_px:  # the model was trained on registered pairs: register this one too
-            template, _ = register_template(test, template, self.register_px)
+        if not registered:  # a model trained on registered pairs: register this one too
+            template = self.register(test, template)
         x = prepare_input(test, template, self.contract)[None]
         outputs = self.session.run(None, {self.input_name: x})
         if self.end_to_end:

@@ -21,8 +21,8 @@ alone until their size and time stamp stay the same for ``--settle`` seconds; hi
 file). A corrupt image is logged and journaled as an error; the watcher moves on. SIGINT/SIGTERM:
 the current image is finished, then the app exits 0.
 
-Files are decoded one ahead in a reader thread while the model runs on the current one (file reads
-and PNG decoding release the GIL), so on a stream of images the decode time mostly hides behind
+Files are decoded (and pairs registered, for models that want it) one ahead in a reader thread while
+the model runs on the current one (file reads, PNG decoding and numpy release the GIL), so on a stream of images the decode time mostly hides behind
 inference; ``ms`` in a record is still that image's own latency, from the start of its read.
 """
 from __future__ import annotations
@@ -120,9 +120,10 @@ class Detector:
         return self._templates[key]
 
     def load(self, image: Path) -> tuple[float, object, object]:
-        """(start time, test, template) of ``image``; runs in the reader thread, raises EdgeError."""
+        """(start time, test, registered template) of ``image``; runs in the reader thread, raises EdgeError."""
         t0 = time.perf_counter()
-        return t0, read_grey(image), self.template_for(image)
+        test = read_grey(image)
+        return t0, test, self.model.register(test, self.template_for(image))
 
     def process_all(self, images: Iterable[Path]) -> Iterator[dict]:
         """One record per image, in order; the next image is read while the current one is inferred."""
@@ -141,7 +142,7 @@ class Detector:
         t0 = time.perf_counter()
         try:
             t0, test, template = loading.result()
-            dets = self.model.detect(test, template, self.args.score, name=str(image))
+            dets = self.model.detect(test, template, self.args.score, name=str(image), registered=True)
             if self.args.overlay_dir:
                 write_overlay(image, dets, self.args.overlay_dir)
         except EdgeError as e:
