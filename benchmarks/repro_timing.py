@@ -23,11 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # The DeepPCB recipe: reference-based, 192 px crops holding defects, online flips/turns, scale and
-# copper-width jitter, 60 epochs, width 16 (4 GFLOPs at 640 px, for the edge); one board group held out
+# copper-width jitter, 120 epochs, width 16 (4 GFLOPs at 640 px, for the edge); one board group held out
 # for test, every other group trains (no val split: with seven board designs, one more design in
 # training beats a validation curve).
 PRESETS = {
-    "deeppcb": ["ingest.source=deeppcb", "split.val_fraction=0", "split.test_fraction=0.15", "train.epochs=60",
+    "deeppcb": ["ingest.source=deeppcb", "split.val_fraction=0", "split.test_fraction=0.15", "train.epochs=120",
                 "train.crop_size=192", "train.flip_rotate=true", "train.scale_jitter=0.15",
                 "train.width_jitter=0.5", "train.model.width=16"],
 }
