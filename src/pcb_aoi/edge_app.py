@@ -22,8 +22,9 @@ file). A corrupt image is logged and journaled as an error; the watcher moves on
 the current image is finished, then the app exits 0.
 
 Files are decoded (and pairs registered, for models that want it) one ahead in a reader thread while
-the model runs on the current one (file reads, PNG decoding and numpy release the GIL), so on a stream of images the decode time mostly hides behind
-inference; ``ms`` in a record is still that image's own latency, from the start of its read.
+the model runs on the current one (file reads, PNG decoding and numpy release the GIL), so on a
+stream of images the decoding mostly hides behind inference; ``ms`` in a record is still that
+image's own latency, from the start of its read.
 """
 from __future__ import annotations
 
@@ -129,11 +130,14 @@ class Detector:
         """One record per image, in order; the next image is read while the current one is inferred."""
         with ThreadPoolExecutor(1, thread_name_prefix="pcb-aoi-reader") as reader:
             it = iter(images)
-            pending = [(p, reader.submit(self.load, p)) for p in _take(it, 1)]
-            while pending:
-                image, loading = pending.pop(0)
-                pending += [(p, reader.submit(self.load, p)) for p in _take(it, 1)]  # read ahead
-                yield self._infer(image, loading)
+            image = next(it, None)
+            loading = reader.submit(self.load, image) if image is not None else None
+            while image is not None:
+                current, current_loading = image, loading
+                image = next(it, None)
+                if image is not None:
+                    loading = reader.submit(self.load, image)  # read ahead
+                yield self._infer(current, current_loading)
 
     def process(self, image: Path) -> dict:
         return next(self.process_all([image]))
@@ -152,10 +156,6 @@ class Detector:
         if not getattr(self.args, "quiet", False):
             log(f"ok {image.name}: {len(dets)} defect(s) ({ms:.1f} ms)")
         return {"file": str(image), "status": "ok", "detections": [d.to_dict() for d in dets], "ms": round(ms, 2)}
-
-
-def _take(it: Iterator, n: int) -> list:
-    return [x for _, x in zip(range(n), it)]
 
 
 def run_files(det: Detector, images: list[Path], out: Path | None) -> int:

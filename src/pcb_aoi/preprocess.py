@@ -70,18 +70,24 @@ def registration_shift(test: np.ndarray, template: np.ndarray, max_px: int) -> t
     return cx, cy
 
 
+def move_image(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """(H, W) ``image`` moved by (dx, dy) px: out(y, x) = image(y - dy, x - dx), the uncovered border
+    strips filled by repeating the nearest row / column (as ``np.pad(mode="edge")``, without its cost)."""
+    if (dx, dy) == (0, 0):
+        return image
+    h, w = image.shape
+    out = np.empty_like(image)
+    y0, y1, x0, x1 = max(dy, 0), h + min(dy, 0), max(dx, 0), w + min(dx, 0)  # where the image lands
+    out[y0:y1, x0:x1] = image[y0 - dy:y1 - dy, x0 - dx:x1 - dx]
+    out[:y0], out[y1:] = out[y0], out[y1 - 1]  # repeat the border rows, then columns, into the gap
+    out[:, :x0], out[:, x1:] = out[:, x0:x0 + 1], out[:, x1 - 1:x1]
+    return out
+
+
 def register_template(test: np.ndarray, template: np.ndarray, max_px: int) -> tuple[np.ndarray, tuple[int, int]]:
     """``template`` moved onto ``test`` (borders repeated) and the (dx, dy) it was moved by."""
     dx, dy = registration_shift(test, template, max_px)
-    if (dx, dy) == (0, 0):
-        return template, (0, 0)
-    h, w = template.shape
-    out = np.empty_like(template)
-    y0, y1, x0, x1 = max(dy, 0), h + min(dy, 0), max(dx, 0), w + min(dx, 0)  # where the template lands
-    out[y0:y1, x0:x1] = template[y0 - dy:y1 - dy, x0 - dx:x1 - dx]
-    out[:y0], out[y1:] = out[y0], out[y1 - 1]  # repeat the border rows, then columns, into the gap
-    out[:, :x0], out[:, x1:] = out[:, x0:x0 + 1], out[:, x1 - 1:x1]
-    return out, (dx, dy)
+    return move_image(template, dx, dy), (dx, dy)
 
 
 def prepare_input(test: np.ndarray, template: np.ndarray | None, use_template: bool,

@@ -2,8 +2,9 @@
 
 - dvclive logs the losses and validation mAP per epoch; the best epoch is saved as a self-describing
   checkpoint (``checkpoint.py``). Best = highest validation COCO mAP@[.5:.95]: mAP@0.5 saturates on
-  easy validation boards, and among epochs that find every defect the tighter boxes are better. With ``train.ema_decay`` > 0 an exponential
-  moving average of the weights is what is validated and saved (smoother than the last step's weights).
+  easy validation boards, and among epochs that find every defect the tighter boxes are better.
+  With ``train.ema_decay`` > 0 an exponential moving average of the weights is what is validated
+  and saved.
 - Every epoch also writes ``<model dir>/checkpoints/last.pt`` (weights, optimizer, schedule, curves so
   far). A run that finds a compatible one (same train params, seed, classes and data) resumes after
   its epoch instead of starting over; an incompatible one is ignored, saying which keys differ.
@@ -39,6 +40,7 @@ from .loss import box_loss, build_targets, focal_loss
 from .machine import cpu_model
 from .metrics import coco_metrics
 from .model import Detector, DetectorConfig
+from .preprocess import move_image
 
 RESUME_FORMAT = "pcb-aoi-resume/1"
 NOT_IN_FINGERPRINT = ("device", "threads", "workers", "cache_mb", "resume")  # how to run, not what is trained
@@ -144,9 +146,7 @@ def shift_template(template: np.ndarray, max_px: int, seed: int) -> np.ndarray:
     if rng.random() >= 0.5:
         return template
     dx, dy = (int(v) for v in rng.integers(-max_px, max_px + 1, size=2))
-    h, w = template.shape
-    padded = np.pad(template, max_px, mode="edge")
-    return padded[max_px - dy:max_px - dy + h, max_px - dx:max_px - dx + w]
+    return move_image(template, dx, dy)
 
 
 def collate(batch):
