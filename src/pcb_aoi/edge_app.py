@@ -100,7 +100,7 @@ def write_overlay(image: Path, detections: list, out_dir: Path) -> None:
 
 
 class Detector:
-    """The model plus how to find templates and where overlays go; ``process`` -> one JSON record."""
+    """The model plus how to find templates and where overlays go; ``process_all`` -> one JSON record per image."""
 
     def __init__(self, model: EdgeModel, args: argparse.Namespace):
         self.model, self.args = model, args
@@ -138,9 +138,6 @@ class Detector:
                 if image is not None:
                     loading = reader.submit(self.load, image)  # read ahead
                 yield self._infer(current, current_loading)
-
-    def process(self, image: Path) -> dict:
-        return next(self.process_all([image]))
 
     def _infer(self, image: Path, loading) -> dict:
         t0 = time.perf_counter()
