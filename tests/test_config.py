@@ -19,6 +19,8 @@ def test_default_params_load():
     ({"train": {"epochs": True}}, "train.epochs"),
     ({"train": {"lr": -1.0}}, "train.lr"),
     ({"train": {"model": {"stride": 5}}}, "train.model.stride"),
+    ({"train": {"model": {"blocks": [1, 2]}}}, "train.model.blocks"),
+    ({"train": {"model": {"blocks": [1, -1, 2]}}}, "train.model.blocks"),
     ({"ingest": {"source": "sinthetic"}}, "ingest.source"),
     ({"ingest": {"synthetic": {"class_mix": {"scratch": 1.0}}}}, "ingest.synthetic.class_mix"),
     ({"ingest": {"synthetic": {"defects_per_image": [1]}}}, "ingest.synthetic.defects_per_image"),

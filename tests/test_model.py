@@ -61,6 +61,19 @@ def test_checkpoint_round_trip_describes_itself(tmp_path):
         assert torch.equal(loaded(x)[0], model(x)[0])
 
 
+def test_deeper_blocks_round_trip_and_the_default_layout_is_unchanged(tmp_path):
+    # The default (1, 1, 2) must keep the weight names of checkpoints trained before `blocks` existed.
+    names = set(Detector(DetectorConfig(num_classes=6, width=8)).state_dict())
+    assert {"c4.1.body.0.0.weight", "c16.2.body.0.0.weight"} <= names and "c16.3.body.0.0.weight" not in names
+    model = Detector(DetectorConfig(num_classes=6, width=8, blocks=(0, 2, 3))).eval()
+    assert not any(k.startswith("c4.1.") for k in model.state_dict()) and model.c16[3].body[0][0].dilation == (4, 4)
+    checkpoint.save(tmp_path / "m.pt", model, CLASSES, use_template=True)
+    loaded, _ = checkpoint.load(tmp_path / "m.pt")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert loaded.cfg == model.cfg and torch.equal(loaded(x)[1], model(x)[1])
+
+
 def _trained_like_model():
     torch.manual_seed(0)
     model = Detector(DetectorConfig(num_classes=6, width=8))

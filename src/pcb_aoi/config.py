@@ -77,6 +77,7 @@ class ModelConfig:
     use_template: bool = True  # False: single-image mode for data without a template
     width: int = 32  # channels of the first stage; later stages scale from it
     stride: int = 4  # output stride of the detection heads
+    blocks: tuple[int, int, int] = (1, 1, 2)  # residual blocks at strides 4, 8, 16 (deeper = more context)
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,8 @@ def _validate(p: Params) -> None:
         raise ConfigError("split.val_fraction + split.test_fraction must be between 0 and 1")
     if p.train.model.stride not in (4, 8):
         raise ConfigError(f"train.model.stride: {p.train.model.stride} is not allowed; expected 4 or 8")
+    if not all(0 <= n <= 8 for n in p.train.model.blocks):
+        raise ConfigError(f"train.model.blocks: {list(p.train.model.blocks)} must be three counts in 0..8")
     if not 0 <= p.train.scale_jitter < 1:
         raise ConfigError(f"train.scale_jitter: {p.train.scale_jitter} must be in [0, 1)")
     if (p.train.flip_rotate or p.train.scale_jitter or p.train.width_jitter or p.train.template_shift) and not p.train.crop_size:

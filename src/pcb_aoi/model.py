@@ -25,6 +25,10 @@ class DetectorConfig:
     in_channels: int = 3
     width: int = 32
     stride: int = 4
+    blocks: tuple[int, int, int] = (1, 1, 2)  # residual blocks at strides 4, 8 and 16
+
+    def __post_init__(self):  # a checkpoint stores blocks as a list
+        object.__setattr__(self, "blocks", tuple(self.blocks))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,12 +54,13 @@ class Detector(nn.Module):
     def __init__(self, cfg: DetectorConfig):
         super().__init__()
         self.cfg = cfg
-        w = cfg.width
+        w, (n4, n8, n16) = cfg.width, cfg.blocks
         self.c2 = conv_bn(cfg.in_channels, w, 2)  # /2
-        self.c4 = nn.Sequential(conv_bn(w, 2 * w, 2), Residual(2 * w))  # /4
-        self.c8 = nn.Sequential(conv_bn(2 * w, 3 * w, 2), Residual(3 * w))  # /8
-        # /16 with a dilated block: defect classes differ by context (is the other side copper?).
-        self.c16 = nn.Sequential(conv_bn(3 * w, 4 * w, 2), Residual(4 * w), Residual(4 * w, dilation=2))
+        self.c4 = nn.Sequential(conv_bn(w, 2 * w, 2), *(Residual(2 * w) for _ in range(n4)))  # /4
+        self.c8 = nn.Sequential(conv_bn(2 * w, 3 * w, 2), *(Residual(3 * w) for _ in range(n8)))  # /8
+        # /16 with dilated blocks (1, 2, 4, ...): defect classes differ by context (is the other side copper?).
+        # Blocks here are cheap: a 640 px image is 40x40 cells at /16, against 160x160 at /4.
+        self.c16 = nn.Sequential(conv_bn(3 * w, 4 * w, 2), *(Residual(4 * w, dilation=2**i) for i in range(n16)))
         f = 2 * w  # feature width of the small FPN
         self.lat16, self.lat8, self.lat4 = nn.Conv2d(4 * w, f, 1), nn.Conv2d(3 * w, f, 1), nn.Conv2d(2 * w, f, 1)
         self.smooth = conv_bn(f, f)

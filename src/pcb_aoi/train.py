@@ -297,7 +297,7 @@ def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_di
     val_ids = split_ids(split_dir, "val")
     use_template = cfg.model.use_template and bool(train_ds.images["template_path"].astype(bool).all())
     net = Detector(DetectorConfig(num_classes=len(classes), in_channels=3 if use_template else 1,
-                                  width=cfg.model.width, stride=cfg.model.stride))
+                                  width=cfg.model.width, stride=cfg.model.stride, blocks=cfg.model.blocks))
     net = net.to(device, memory_format=torch.channels_last)  # NHWC convolutions: ~20% faster CPU training steps
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
     data = PairDataset(train_ds, classes, use_template, cfg.crop_size, seed, cfg.flip_rotate, cfg.scale_jitter,
