@@ -89,7 +89,8 @@ def test_failed_stage_leaves_previous_output(tmp_path):
 
 
 def test_etl_registers_templates_lists_the_moves_and_records_the_setting(tmp_path):
-    from pcb_aoi.dataset import read_grey, registration_px
+    from pcb_aoi.dataset import registration_px
+    from pcb_aoi.preprocess import read_grey
     from pcb_aoi.synth import SynthConfig, board_samples
     root = tmp_path / "raw"
     (root / "images").mkdir(parents=True)

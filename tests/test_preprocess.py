@@ -60,6 +60,15 @@ def test_fast_png_decoding_gives_pillows_pixels_and_leaves_every_other_file_to_p
         assert read_grey_png(tmp_path / name) is None, name
 
 
+def test_the_pipeline_refuses_16_bit_images_that_grey_conversion_would_clip(tmp_path):
+    from PIL import Image
+
+    from pcb_aoi.preprocess import read_grey
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(ValueError, match=r"deep\.png: I;16 image .*convert it first"):
+        read_grey(tmp_path / "deep.png")
+
+
 def _board_pair(dx, dy, seed=0, size=256):
     """A synthetic board (test, with defects) and its template moved by (dx, dy) px."""
     from pcb_aoi.synth import SynthConfig, board_samples

@@ -15,7 +15,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import AugmentConfig
-from .dataset import Dataset, atomic_dir, make_boxes_frame, make_images_frame, read_grey, split_ids
+from .dataset import Dataset, atomic_dir, make_boxes_frame, make_images_frame, split_ids
+from .preprocess import read_grey
 
 
 def build(cfg: AugmentConfig, seed: int) -> A.Compose:

@@ -20,9 +20,7 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from .preprocess import read_grey_png
 
 IMAGE_COLUMNS = ["image_id", "path", "template_path", "width", "height", "board_id", "source_split"]
 BOX_COLUMNS = ["image_id", "class_name", "x1", "y1", "x2", "y2"]
@@ -126,16 +124,6 @@ def make_images_frame(rows: list[dict]) -> pd.DataFrame:
 def make_boxes_frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=BOX_COLUMNS)
     return df.astype({c: "float32" for c in ("x1", "y1", "x2", "y2")})
-
-
-def read_grey(path: str | Path) -> np.ndarray:
-    """Decode an image file to (H, W) uint8 grey; RGB is averaged (DeepPCB has a few RGB files)."""
-    fast = read_grey_png(path)  # the pipeline's own PNGs: OpenCV, 2x faster, same pixels
-    if fast is not None:
-        return fast
-    with Image.open(path) as im:
-        im.load()
-        return np.asarray(im.convert("L"))
 
 
 REGISTRATION = "registration.json"  # in a clean dataset folder: {"max_px": N} when etl registered its pairs

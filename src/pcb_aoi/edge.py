@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
 
-from .preprocess import PAD_VALUES, read_grey_png, register_template
+from .preprocess import PAD_VALUES, register_template
 from .preprocess import prepare_input as _prepare
+from .preprocess import read_grey as _read_grey
 
 CONTRACT_KEY, CONTRACT_FORMAT = "pcb_aoi_contract", "pcb-aoi-onnx/1"
-REFUSED_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # >8-bit: no faithful grey conversion
 
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "openvino": "OpenVINOExecutionProvider",
@@ -36,22 +35,15 @@ class EdgeError(ValueError):
 
 
 def read_grey(path: str | Path) -> np.ndarray:
-    """Decode an image file to (H, W) uint8 grey, as ``pcb_aoi.dataset.read_grey`` does (RGB -> L)."""
+    """Decode an image file to (H, W) uint8 grey as the pipeline does (``preprocess.read_grey``), every
+    failure an EdgeError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise EdgeError(f"{path}: image not found")
-    fast = read_grey_png(path)
-    if fast is not None:
-        return fast
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in REFUSED_MODES:
-                raise EdgeError(f"{path}: {im.mode} image (16-bit or float); the model expects 8-bit grey, "
-                                "convert it first (e.g. scale to 0..255)")
-            return np.asarray(im.convert("L"))
-    except EdgeError:
-        raise
+        return _read_grey(path)
+    except ValueError as e:  # >8-bit image: the message says how to fix it
+        raise EdgeError(str(e)) from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
         raise EdgeError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 

@@ -22,9 +22,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .config import EtlConfig
-from .dataset import (REGISTRATION, Dataset, atomic_dir, make_boxes_frame, make_images_frame, per_class_counts,
-                      read_grey)
-from .preprocess import register_template
+from .dataset import REGISTRATION, Dataset, atomic_dir, make_boxes_frame, make_images_frame, per_class_counts
+from .preprocess import read_grey, register_template
 
 
 def box_problem(row, width: int, height: int, classes: tuple[str, ...], min_px: float) -> str | None:
@@ -48,6 +47,8 @@ def _decode(path: Path) -> tuple[np.ndarray | None, str | None]:
         return None, f"{path}: file not found"
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         return None, f"{path}: cannot decode image ({e})"
+    except ValueError as e:  # a >8-bit image, named with the fix
+        return None, str(e)
 
 
 def tile_starts(n: int, tile: int, overlap: int) -> list[int]:

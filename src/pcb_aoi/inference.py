@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
-from .dataset import Dataset, read_grey
-from .preprocess import prepare_input, stack_padded
+from .dataset import Dataset
+from .preprocess import prepare_input, read_grey, stack_padded
 
 def load_pair(ds: Dataset, row) -> tuple[np.ndarray, np.ndarray | None]:
     test = read_grey(ds.root / row.path)
