@@ -53,15 +53,19 @@ def read_grey(path: str | Path) -> np.ndarray:
 
 
 def _half(x: np.ndarray) -> np.ndarray:
-    """2x2 mean: (H, W) -> (H // 2, W // 2) float32."""
+    """2x2 sums of a uint8 or uint16 image: (H, W) -> (H // 2, W // 2) uint16 (exact; two levels of a
+    uint8 image stay below 4081, so the result can be viewed as int16 for differences)."""
     h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
-    return (x[0:h:2, 0:w:2] + x[1:h:2, 0:w:2] + x[0:h:2, 1:w:2] + x[1:h:2, 1:w:2]) * np.float32(0.25)
+    cols = x[:h, 0:w:2].astype(np.uint16)
+    cols += x[:h, 1:w:2]
+    return cols[0::2] + cols[1::2]
 
 
-def _sad(a: np.ndarray, b: np.ndarray, dx: int, dy: int, m: int, step: int = 1) -> float:
-    """Mean |a(y, x) - b(y - dy, x - dx)| over a's interior (margin m >= |dx|, |dy|), every ``step`` px."""
+def _sad(a: np.ndarray, b: np.ndarray, dx: int, dy: int, m: int, step: int = 1) -> int:
+    """Sum of |a(y, x) - b(y - dy, x - dx)| (int16 images) over a's interior (margin m >= |dx|, |dy|),
+    every ``step`` px: integers, so the search gives the same shift on every machine."""
     h, w = a.shape
-    return float(np.abs(a[m:h - m:step, m:w - m:step] - b[m - dy:h - m - dy:step, m - dx:w - m - dx:step]).mean())
+    return int(np.abs(a[m:h - m:step, m:w - m:step] - b[m - dy:h - m - dy:step, m - dx:w - m - dx:step]).sum())
 
 
 def registration_shift(test: np.ndarray, template: np.ndarray, max_px: int) -> tuple[int, int]:
@@ -71,11 +75,12 @@ def registration_shift(test: np.ndarray, template: np.ndarray, max_px: int) -> t
     of group 20085's 291 pairs by 1.5-7 px), and a shifted template paints the whole layout into the
     difference channel. Coarse to fine on a 2x pyramid, minimising the mean absolute difference:
     an exhaustive search at 1/4 scale, then +-1 px at 1/2 and at full scale (on every other pixel).
-    A few ms at 640x640; (0, 0) for images too small to search.
+    About 2 ms at 640x640, in integers; (0, 0) for images too small to search.
     """
-    t1, m1 = test.astype(np.float32), template.astype(np.float32)
-    t2, m2 = _half(t1), _half(m1)
-    t4, m4 = _half(t2), _half(m2)
+    t1, m1 = test.astype(np.int16), template.astype(np.int16)
+    t2, m2 = _half(test), _half(template)
+    t4, m4 = _half(t2).view(np.int16), _half(m2).view(np.int16)
+    t2, m2 = t2.view(np.int16), m2.view(np.int16)
     r = -(-max_px // 4)  # search radius at 1/4 scale
     if max_px <= 0 or min(t4.shape) <= 4 * (r + 2):
         return 0, 0
