@@ -299,6 +299,21 @@ def test_edge_latency_benchmark_runs_without_torch(models, no_torch_env, tmp_pat
     assert r.returncode != 0 and "no X_test.* / X_temp.* image pairs" in r.stderr
 
 
+def test_operator_profile_names_where_the_time_goes(models, tmp_path):
+    model, raw, _, _ = models
+    checkpoint.save(tmp_path / "model.pt", model, CLASSES, use_template=True)
+    out = tmp_path / "profile.json"
+    r = subprocess.run([sys.executable, str(SRC.parent / "benchmarks/profile_ops.py"), "--model", str(tmp_path / "model.pt"),
+                        "--onnx", str(raw), "--size", "64", "--runs", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    for name in ("pytorch-eager-fp32", "onnxruntime-fp32"):
+        assert report[name]["ms_p50"] > 0 and 99 <= sum(report[name]["op_share_pct"].values()) <= 101, report[name]
+    assert max(report["onnxruntime-fp32"]["op_share_pct"], key=report["onnxruntime-fp32"]["op_share_pct"].get) == "Conv"
+    assert {"stride 2", "stride 4", "stride 8", "stride 16"} <= set(report["onnxruntime-fp32"]["conv_share_by_stride_pct"])
+
+
 def test_a_model_trained_on_registered_pairs_makes_the_app_register_each_pair(models, tmp_path):
     model, plain_path, _, ds = models
     ckpt = {"classes": list(CLASSES), "input_spec": checkpoint.input_spec(True, register_max_px=8),
