@@ -1,7 +1,8 @@
 """Pre- and post-processing shared by training, evaluation, export and benchmarking.
 
 The input contract (stored in the checkpoint and, later, in ONNX metadata) lives in ``preprocess.py``
-(numpy only, shared with the edge app); this module adds loading, torch decoding and prediction.
+(numpy and Pillow, no torch: shared with the edge app); this module adds loading, torch decoding and
+prediction.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The model input contract in numpy alone: shared by training, evaluation, export and the torch-free
-edge app (``edge.py``), so there is one implementation to keep right.
+"""The model input contract in numpy and Pillow (no torch): image decoding, registration and input
+layout, shared by training, evaluation, export and the torch-free edge app (``edge.py``), so there is
+one implementation to keep right.
 
 Grey uint8 images, copper dark; channels ``test/255, template/255, (test - template)/255`` (or
 ``test/255`` alone without a template), padded bottom/right to a multiple of 32 with background:
