@@ -18,6 +18,7 @@ the per-image latency there (read start to detections).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pcb_aoi.edge import PROVIDERS, EdgeModel, read_grey
+from pcb_aoi.edge import PROVIDERS, EdgeModel, read_grey, read_pair
 from pcb_aoi.edge_app import Detector
 from pcb_aoi.machine import cpu_model
 
@@ -48,7 +49,7 @@ def measure(model: EdgeModel, pairs: list, warmup: int, runs: int) -> dict:
     for i in range(warmup + runs):
         test_path, temp_path = pairs[i % len(pairs)]
         t0 = time.perf_counter()
-        test, template = read_grey(test_path), read_grey(temp_path)
+        test, template = read_pair(test_path, temp_path)  # as the app: both files at once
         t1 = time.perf_counter()
         model.detect(test, template)
         t2 = time.perf_counter()
@@ -88,15 +89,18 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=200, help="timed images per model and provider (default 200)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads; 0 = all cores")
+    ap.add_argument("--spin", nargs="+", default=["on"], choices=["on", "off"],
+                    help="ONNX Runtime threads busy-wait between runs (on, its default) or sleep (off); "
+                         "give both to compare (default: on)")
     ap.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = ap.parse_args()
     pairs = find_pairs(args.pairs, args.images)
     size = read_grey(pairs[0][0]).shape
     results = []
     for provider in args.providers:
-        for path in args.models:
-            model = EdgeModel(path, threads=args.threads, provider=provider)
-            r = {"model": path.name, "provider": provider, "end_to_end": model.end_to_end,
+        for path, spin in itertools.product(args.models, args.spin):
+            model = EdgeModel(path, threads=args.threads, provider=provider, spin=spin == "on")
+            r = {"model": path.name, "provider": provider, "spin": spin, "end_to_end": model.end_to_end,
                  **measure(model, pairs, args.warmup, args.runs), **measure_stream(model, pairs, args.warmup, args.runs)}
             results.append(r)
             print(json.dumps(r), flush=True)

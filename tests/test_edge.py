@@ -65,16 +65,16 @@ def test_numpy_decode_matches_torch_decode(threshold, top_k):
         assert np.abs(r["scores"].numpy() - g["scores"]).max() <= 1e-6
 
 
-@pytest.mark.parametrize("variant", ["raw", "e2e"])
-def test_edge_detections_match_the_pytorch_pipeline(models, variant):
+@pytest.mark.parametrize("variant, spin", [("raw", True), ("e2e", False)])
+def test_edge_detections_match_the_pytorch_pipeline(models, variant, spin):
     model, raw, e2e_path, ds = models
     ids = ds.images.image_id[:4].tolist()
     ref = predict(torch_runner(model), ds, ids, True, batch_size=1, score_threshold=0.3)
-    em = edge.EdgeModel(raw if variant == "raw" else e2e_path)
+    em = edge.EdgeModel(raw if variant == "raw" else e2e_path, spin=spin)
     assert em.end_to_end == (variant == "e2e") and em.contract["score_threshold"] == 0.3
     total = 0
     for row in ds.rows(ids):
-        test, template = edge.read_grey(ds.root / row.path), edge.read_grey(ds.root / row.template_path)
+        test, template = edge.read_pair(ds.root / row.path, ds.root / row.template_path)
         dets = em.detect(test, template)  # default threshold from the metadata
         got = {"boxes": np.array([d.box for d in dets]).reshape(-1, 4), "scores": np.array([d.score for d in dets]),
                "labels": np.array([CLASSES.index(d.cls) for d in dets])}
@@ -138,6 +138,21 @@ def drop_pair(ds: Dataset, row, folder: Path, stem: str) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_read_pair_decodes_both_files_at_once_and_names_the_bad_one(tmp_path):
+    a, b, bad = tmp_path / "a.png", tmp_path / "b_test.jpg", tmp_path / "bad.png"
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64).astype(np.uint8)).save(a)
+    Image.fromarray(np.full((48, 64, 3), (10, 200, 90), np.uint8)).save(b)  # RGB JPEG: Pillow, averaged
+    bad.write_bytes(b"not an image")
+    test, template = edge.read_pair(a, b)
+    assert np.array_equal(test, edge.read_grey(a)) and np.array_equal(template, edge.read_grey(b))
+    assert edge.read_pair(b, None)[1] is None
+    for pair, name in [((a, bad), "bad.png"), ((bad, a), "bad.png"), ((a, tmp_path / "gone.png"), "gone.png")]:
+        with pytest.raises(edge.EdgeError, match=name):
+            edge.read_pair(*pair)
+    with pytest.raises(edge.EdgeError, match="bad.png"):  # both bad: the test image is named
+        edge.read_pair(bad, tmp_path / "gone.png")
 
 
 def test_cli_on_good_corrupt_and_missing_files_without_torch(models, no_torch_env, tmp_path):
@@ -283,12 +298,13 @@ def test_edge_latency_benchmark_runs_without_torch(models, no_torch_env, tmp_pat
     _, raw, e2e_path, ds = models
     out = tmp_path / "edge_latency.json"
     r = subprocess.run([sys.executable, str(SRC.parent / "benchmarks/edge_latency.py"), "--models", str(raw), str(e2e_path),
-                        "--pairs", str(ds.root), "--images", "3", "--runs", "4", "--warmup", "1", "--out", str(out)],
-                       env=no_torch_env, capture_output=True, text=True, timeout=300)
+                        "--pairs", str(ds.root), "--images", "3", "--runs", "4", "--warmup", "1", "--spin", "on", "off",
+                        "--out", str(out)], env=no_torch_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
-    assert [(x["model"], x["provider"], x["end_to_end"]) for x in report["results"]] == [
-        ("model.onnx", "cpu", False), ("model.e2e.onnx", "cpu", True)]
+    assert [(x["model"], x["provider"], x["spin"], x["end_to_end"]) for x in report["results"]] == [
+        ("model.onnx", "cpu", "on", False), ("model.onnx", "cpu", "off", False),
+        ("model.e2e.onnx", "cpu", "on", True), ("model.e2e.onnx", "cpu", "off", True)]
     for x in report["results"]:
         assert 0 < x["without_file_decode_ms_p50"] <= x["ms_p50"] <= x["ms_p95"] <= x["ms_p99"]
         assert x["stream_fps"] > 0 and x["stream_ms_p50"] > 0

@@ -22,6 +22,7 @@ import onnxruntime as ort
 from .preprocess import PAD_VALUES, register_template
 from .preprocess import prepare_input as _prepare
 from .preprocess import read_grey as _read_grey
+from .preprocess import read_pair as _read_pair
 
 CONTRACT_KEY, CONTRACT_FORMAT = "pcb_aoi_contract", "pcb-aoi-onnx/1"
 
@@ -46,6 +47,11 @@ def read_grey(path: str | Path) -> np.ndarray:
         raise EdgeError(str(e)) from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
         raise EdgeError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def read_pair(test_path: str | Path, template_path: str | Path | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Test image and template decoded at the same time (``preprocess.read_pair``), errors as ``read_grey``'s."""
+    return _read_pair(test_path, template_path, read_grey)
 
 
 def prepare_input(test: np.ndarray, template: np.ndarray | None, contract: dict) -> np.ndarray:
@@ -128,7 +134,9 @@ class Detection:
 class EdgeModel:
     """An exported pcb-aoi ONNX model and its contract; ``detect`` takes grey uint8 arrays."""
 
-    def __init__(self, path: str | Path, threads: int = 0, provider: str = "cpu"):
+    def __init__(self, path: str | Path, threads: int = 0, provider: str = "cpu", spin: bool = True):
+        """``spin=False``: ONNX Runtime's threads sleep between runs instead of busy-waiting, which leaves
+        the cores to a thread that reads the next image meanwhile (the app's read-ahead)."""
         path = Path(path)
         if not path.is_file():
             raise EdgeError(f"{path}: model file not found")
@@ -141,6 +149,8 @@ class EdgeModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:

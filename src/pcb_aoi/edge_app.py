@@ -42,7 +42,7 @@ from typing import Iterable, Iterator
 
 from PIL import Image, ImageDraw
 
-from .edge import PROVIDERS, EdgeError, EdgeModel, read_grey
+from .edge import PROVIDERS, EdgeError, EdgeModel, read_grey, read_pair
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", "~")
@@ -106,7 +106,7 @@ class Detector:
         self.model, self.args = model, args
         self._templates: dict[tuple, object] = {}
 
-    def template_for(self, image: Path):
+    def template_path(self, image: Path) -> Path | None:
         if not self.model.needs_template:
             return None
         path = find_template(image, self.args.template, self.args.template_dir)
@@ -115,16 +115,22 @@ class Detector:
                             "pass --template or --template-dir, or name pairs X_test.png / X_temp.png")
         if not path.is_file():
             raise EdgeError(f"{image}: template {path} not found")
-        key = (str(path), path.stat().st_mtime_ns)
-        if key not in self._templates:  # --template: one decode for the whole run
-            self._templates = {key: read_grey(path)}
-        return self._templates[key]
+        return path
 
     def load(self, image: Path) -> tuple[float, object, object]:
-        """(start time, test, registered template) of ``image``; runs in the reader thread, raises EdgeError."""
+        """(start time, test, registered template) of ``image``; runs in the reader thread, raises EdgeError.
+
+        A template used again (``--template``: one for the whole run) is decoded once; a new one is decoded
+        at the same time as the image."""
         t0 = time.perf_counter()
-        test = read_grey(image)
-        return t0, test, self.model.register(test, self.template_for(image))
+        path = self.template_path(image) if image.is_file() else None  # else read_grey names the missing image
+        key = (str(path), path.stat().st_mtime_ns) if path else None
+        if path is None or key in self._templates:
+            test, template = read_grey(image), self._templates.get(key)
+        else:
+            test, template = read_pair(image, path)
+            self._templates = {key: template}
+        return t0, test, self.model.register(test, template)
 
     def process_all(self, images: Iterable[Path]) -> Iterator[dict]:
         """One record per image, in order; the next image is read while the current one is inferred."""
@@ -272,6 +278,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads, 0 = all cores")
     ap.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS), help="ONNX Runtime execution provider "
                     "(%(default)s); openvino needs onnxruntime-openvino, cuda/tensorrt onnxruntime-gpu")
+    ap.add_argument("--spin", default="on", choices=["on", "off"], help="ONNX Runtime threads busy-wait between "
+                    "images (on, its default) or sleep (off, which leaves the cores to the read-ahead thread)")
     args = ap.parse_args(argv)
     if args.template and args.template_dir:
         ap.error("give --template or --template-dir, not both")
@@ -287,7 +295,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        det = Detector(EdgeModel(args.model, threads=args.threads, provider=args.provider), args)
+        det = Detector(EdgeModel(args.model, threads=args.threads, provider=args.provider,
+                                      spin=args.spin == "on"), args)
         if args.watch:
             return watch(det, args.watch, args.out_dir, args)
         return run_files(det, args.images, args.out)

@@ -14,12 +14,10 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from .dataset import Dataset
-from .preprocess import prepare_input, read_grey, stack_padded
+from .preprocess import prepare_input, read_pair, stack_padded
 
 def load_pair(ds: Dataset, row) -> tuple[np.ndarray, np.ndarray | None]:
-    test = read_grey(ds.root / row.path)
-    template = read_grey(ds.root / row.template_path) if row.template_path else None
-    return test, template
+    return read_pair(ds.root / row.path, ds.root / row.template_path if row.template_path else None)
 
 
 @torch.no_grad()
