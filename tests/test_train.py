@@ -288,3 +288,22 @@ def test_template_shift_moves_half_the_templates_by_at_most_the_limit_and_is_see
         assert abs(y - 50) <= 5 and abs(x - 60) <= 5 and (out == 0).sum() == 1
         moved += (y, x) != (50, 60)
     assert 70 < moved < 110  # half the seeds shift; (0, 0) is one of the 121 draws
+
+
+def test_background_crops_cut_some_crops_away_from_every_defect_and_are_seeded(tiny_pipeline):
+    d, p = tiny_pipeline
+    ds = Dataset.load(d / "augmented")
+
+    def crops(fraction):
+        data = train.PairDataset(ds, p.classes, True, 64, p.seed, background_crops=fraction)
+        out = []
+        for epoch in range(3):
+            data.set_epoch(epoch)
+            out += [data[i] for i in range(len(data))]
+        return out
+
+    around, anywhere = crops(0.0), crops(0.5)
+    assert all(len(boxes) > 0 for _, boxes, _ in around), "by default every crop holds a defect"
+    empty = sum(len(boxes) == 0 for _, boxes, _ in anywhere)
+    assert 0 < empty < len(anywhere), "some crops (not all) hold no defect"
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(anywhere, crops(0.5))), "same seed, same crops"

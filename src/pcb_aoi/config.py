@@ -92,6 +92,7 @@ class TrainConfig:
     scale_jitter: float = 0.0  # random rescale by 1 +- this before cropping; 0 = off
     width_jitter: float = 0.0  # probability that a crop's copper grows or shrinks by 1 px (test and template)
     template_shift: int = 0  # half the crops: template moved by up to this many px per axis (misregistration)
+    background_crops: float = 0.0  # fraction of crops cut anywhere, not around a defect
     threads: int = 0  # torch intra-op threads; 0 = all cores
     workers: int = 1  # data-loading processes beside training; 0 = load in the training process
     cache_mb: int = 4096  # keep the decoded training images in RAM when they fit in this many MiB; 0 = never
@@ -225,9 +226,10 @@ def _validate(p: Params) -> None:
         raise ConfigError(f"train.model.blocks: {list(p.train.model.blocks)} must be three counts in 0..8")
     if not 0 <= p.train.scale_jitter < 1:
         raise ConfigError(f"train.scale_jitter: {p.train.scale_jitter} must be in [0, 1)")
-    if (p.train.flip_rotate or p.train.scale_jitter or p.train.width_jitter or p.train.template_shift) and not p.train.crop_size:
-        raise ConfigError("train.flip_rotate / train.scale_jitter / train.width_jitter / train.template_shift need "
-                          "train.crop_size > 0")
+    t = p.train
+    if (t.flip_rotate or t.scale_jitter or t.width_jitter or t.template_shift or t.background_crops) and not t.crop_size:
+        raise ConfigError("train.flip_rotate / train.scale_jitter / train.width_jitter / train.template_shift / "
+                          "train.background_crops need train.crop_size > 0")
     inf = float("inf")
     s, a = p.ingest.synthetic, p.augment
     ranges = {  # key: (value, lowest, highest allowed), inclusive; the ranges params.yaml documents
@@ -244,6 +246,7 @@ def _validate(p: Params) -> None:
         "train.ema_decay": (p.train.ema_decay, 0, 0.99999),
         "train.workers": (p.train.workers, 0, 16),
         "train.template_shift": (p.train.template_shift, 0, 32),
+        "train.background_crops": (p.train.background_crops, 0, 1),
         "train.cache_mb": (p.train.cache_mb, 0, inf),
         "augment.copies": (a.copies, 0, inf),
         **{f"augment.{k}": (getattr(a, k), 0, 1) for k in ("hflip_p", "vflip_p", "rot90_p", "brightness_contrast_p", "noise_p")},

@@ -58,7 +58,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds: Dataset, classes: tuple[str, ...], use_template: bool, crop: int, seed: int,
                  flip_rotate: bool = False, scale_jitter: float = 0.0, width_jitter: float = 0.0,
-                 cache_mb: int = 0, template_shift: int = 0):
+                 cache_mb: int = 0, template_shift: int = 0, background_crops: float = 0.0):
         self.ds, self.rows = ds, list(ds.images.itertuples(index=False))
         self.cache = self._decode_all() if 0 < self._decoded_mb() <= cache_mb else None
         self.gt = ds.annotations([r.image_id for r in self.rows], classes)
@@ -71,8 +71,11 @@ class PairDataset(torch.utils.data.Dataset):
             # the smallest scale is cut first and rescaled, then its centre kept: the rescale works on
             # a crop, not on the whole 640 px image (8x less work for 192 px crops).
             big = math.ceil(crop / (1 - scale_jitter)) if scale_jitter else crop
-            steps = [A.PadIfNeeded(big, big, border_mode=cv2.BORDER_CONSTANT, fill=255),
-                     A.AtLeastOneBBoxRandomCrop(big, big)]
+            crop_step = A.AtLeastOneBBoxRandomCrop(big, big)
+            if background_crops:  # some crops anywhere: board far from any defect, where false alarms hide
+                crop_step = A.OneOf([A.AtLeastOneBBoxRandomCrop(big, big, p=1 - background_crops),
+                                     A.RandomCrop(big, big, p=background_crops)], p=1.0)
+            steps = [A.PadIfNeeded(big, big, border_mode=cv2.BORDER_CONSTANT, fill=255), crop_step]
             if scale_jitter:
                 steps += [A.Affine(scale=(1 - scale_jitter, 1 + scale_jitter), fill=255, p=1.0),
                           A.CenterCrop(crop, crop)]
@@ -301,7 +304,7 @@ def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_di
     net = net.to(device, memory_format=torch.channels_last)  # NHWC convolutions: ~20% faster CPU training steps
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
     data = PairDataset(train_ds, classes, use_template, cfg.crop_size, seed, cfg.flip_rotate, cfg.scale_jitter,
-                       cfg.width_jitter, cfg.cache_mb, cfg.template_shift)
+                       cfg.width_jitter, cfg.cache_mb, cfg.template_shift, cfg.background_crops)
     drop_last = len(data) >= cfg.batch_size
     sampler = torch.utils.data.DistributedSampler(data, ddp.world, ddp.rank, shuffle=True, seed=seed,
                                                   drop_last=drop_last)
