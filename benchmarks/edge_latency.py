@@ -89,9 +89,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=200, help="timed images per model and provider (default 200)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads; 0 = all cores")
-    ap.add_argument("--spin", nargs="+", default=["on"], choices=["on", "off"],
-                    help="ONNX Runtime threads busy-wait between runs (on, its default) or sleep (off); "
-                         "give both to compare (default: on)")
+    ap.add_argument("--spin", nargs="+", default=["off"], choices=["on", "off"],
+                    help="ONNX Runtime threads busy-wait between runs (on, ONNX Runtime's default) or sleep "
+                         "(off, the app's default); give both to compare (default: off)")
     ap.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = ap.parse_args()
     pairs = find_pairs(args.pairs, args.images)

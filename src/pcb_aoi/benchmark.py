@@ -1,7 +1,8 @@
 """benchmark: PyTorch eager vs ONNX Runtime FP32 and INT8, per execution provider, measured in one run.
 
-Per variant: end-to-end latency per image at batch 1 (decode the PNGs + preprocess + inference +
-post-process: torch for PyTorch, the edge app's numpy decoding for ONNX Runtime; warm-up runs
+Per variant: end-to-end latency per image at batch 1 (decode the test PNG and its template, both at
+once as the edge app does + preprocess + inference + post-process: torch for PyTorch, the edge app's
+numpy decoding for ONNX Runtime, whose sessions also sleep between images as the app's do; warm-up runs
 excluded) p50/p95/p99, inference-only latency, throughput at a larger batch, file size, mAP@0.5 and
 COCO mAP on the test split computed with that very runtime, model GFLOPs per image and the GFLOP/s
 achieved. Execution providers: every one of CPU, OpenVINO, CUDA and TensorRT that the installed
@@ -132,12 +133,12 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
     flops = gflops(model, x1)
     providers = [p for p in PROVIDERS if p in ort.get_available_providers()]
     runs = [("pytorch-eager-fp32", "torch-cpu", lambda: torch_runner(model), model_path)]
-    for provider in providers:
-        runs.append(("onnxruntime-fp32", provider, lambda p=provider: ort_runner(ort_session(onnx_path, threads, p)),
-                     onnx_path))
+    for provider in providers:  # sessions as the edge app runs them: threads sleep, not spin, between images
+        runs.append(("onnxruntime-fp32", provider,
+                     lambda p=provider: ort_runner(ort_session(onnx_path, threads, p, spin=False)), onnx_path))
         if int8_path:
             runs.append(("onnxruntime-int8", provider,
-                         lambda p=provider: ort_runner(ort_session(int8_path, threads, p)), int8_path))
+                         lambda p=provider: ort_runner(ort_session(int8_path, threads, p, spin=False)), int8_path))
     variants = []
     for fmt, provider, make, path in runs:
         runner = make()

@@ -278,8 +278,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads, 0 = all cores")
     ap.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS), help="ONNX Runtime execution provider "
                     "(%(default)s); openvino needs onnxruntime-openvino, cuda/tensorrt onnxruntime-gpu")
-    ap.add_argument("--spin", default="on", choices=["on", "off"], help="ONNX Runtime threads busy-wait between "
-                    "images (on, its default) or sleep (off, which leaves the cores to the read-ahead thread)")
+    ap.add_argument("--spin", default="off", choices=["on", "off"], help="ONNX Runtime threads busy-wait between "
+                    "images (on, ONNX Runtime's default) or sleep (off, this app's default: leaves the cores to "
+                    "the file decoding and read-ahead threads)")
     args = ap.parse_args(argv)
     if args.template and args.template_dir:
         ap.error("give --template or --template-dir, not both")

@@ -34,9 +34,13 @@ class ParityError(RuntimeError):
     pass
 
 
-def ort_session(path: str | Path, threads: int = 0, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+def ort_session(path: str | Path, threads: int = 0, provider: str = "CPUExecutionProvider",
+                spin: bool = True) -> ort.InferenceSession:
+    """``spin=False`` as the edge app runs it: threads sleep between runs instead of busy-waiting."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     return ort.InferenceSession(str(path), opts, providers=providers)
 
