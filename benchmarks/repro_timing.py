@@ -31,7 +31,7 @@ PRESETS = {
     "deeppcb": ["ingest.source=deeppcb", "split.val_fraction=0", "split.test_fraction=0.15", "train.epochs=160",
                 "train.crop_size=192", "train.flip_rotate=true", "train.scale_jitter=0.15",
                 "train.width_jitter=0.5", "train.model.width=16", "train.model.blocks=[1, 2, 3]",
-                "train.precision=bf16", "etl.register_max_px=8"],
+                "train.precision=bf16", "etl.register_max_px=8", "train.template_shift=3"],
 }
 # The same at output stride 8 (fewer GFLOPs per 640 px pair, faster on the edge box), 80 epochs.
 PRESETS["deeppcb-s8"] = PRESETS["deeppcb"][:3] + ["train.epochs=80"] + PRESETS["deeppcb"][4:] + ["train.model.stride=8"]
