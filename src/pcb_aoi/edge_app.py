@@ -296,8 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        det = Detector(EdgeModel(args.model, threads=args.threads, provider=args.provider,
-                                      spin=args.spin == "on"), args)
+        model = EdgeModel(args.model, threads=args.threads, provider=args.provider, spin=args.spin == "on")
+        det = Detector(model, args)
         if args.watch:
             return watch(det, args.watch, args.out_dir, args)
         return run_files(det, args.images, args.out)
