@@ -28,7 +28,7 @@ import numpy as np
 
 from pcb_aoi.edge import PROVIDERS, EdgeModel, read_grey, read_pair
 from pcb_aoi.edge_app import Detector
-from pcb_aoi.machine import cpu_model
+from pcb_aoi import machine
 
 
 def find_pairs(folder: Path, limit: int) -> list[tuple[Path, Path]]:
@@ -104,7 +104,7 @@ def main() -> None:
                  **measure(model, pairs, args.warmup, args.runs), **measure_stream(model, pairs, args.warmup, args.runs)}
             results.append(r)
             print(json.dumps(r), flush=True)
-    report = {"image_size": [size[1], size[0]], "threads": args.threads or os.cpu_count(), "cpu": cpu_model(),
+    report = {"image_size": [size[1], size[0]], "threads": args.threads or os.cpu_count(), "cpu": machine.cpu_model(), "machine": machine.describe(),
               "runs": args.runs, "results": results}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

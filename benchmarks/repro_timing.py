@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The DeepPCB recipe: reference-based with registered templates (etl.register_max_px=8), 192 px crops
 # holding defects, online flips/turns, scale and copper-width jitter, 160 epochs in bf16 mixed precision
-# (fast on CPUs with AVX512-BF16 or AMX; use train.precision=fp32 elsewhere), width 16 with blocks
+# where the CPU or GPU computes bf16 natively, fp32 elsewhere (train.precision=auto), width 16 with blocks
 # [1, 2, 3] (4.8 GFLOPs at 640 px, for the edge); one board group held out for test, every other group
 # trains (no val split: with seven board designs, one more design in training beats a validation curve).
 PRESETS = {
     "deeppcb": ["ingest.source=deeppcb", "split.val_fraction=0", "split.test_fraction=0.15", "train.epochs=160",
                 "train.crop_size=192", "train.flip_rotate=true", "train.scale_jitter=0.15",
                 "train.width_jitter=0.5", "train.model.width=16", "train.model.blocks=[1, 2, 3]",
-                "train.precision=bf16", "etl.register_max_px=8", "train.template_shift=3"],
+                "train.precision=auto", "etl.register_max_px=8", "train.template_shift=3"],
 }
 # The same at output stride 8 (fewer GFLOPs per 640 px pair, faster on the edge box), 80 epochs.
 PRESETS["deeppcb-s8"] = PRESETS["deeppcb"][:3] + ["train.epochs=80"] + PRESETS["deeppcb"][4:] + ["train.model.stride=8"]
@@ -102,7 +102,8 @@ def main() -> None:
               "map50": metrics["map50"], "map33": metrics["map33"], "map": metrics["map"],
               "escape_rate": metrics["escape_rate"], "per_class": metrics["per_class"],
               "train": {k: train.get(k) for k in ("epochs", "best_epoch", "val_map", "val_map50", "seconds_per_epoch",
-                                                  "train_seconds", "peak_rss_mb", "threads", "device")},
+                                                  "train_seconds", "peak_rss_mb", "threads", "device", "precision",
+                                                  "machine")},
               "ort_vs_torch_speedup": bench.get("ort_vs_torch_speedup")}
     print(json.dumps(result, indent=2))
     if args.out:

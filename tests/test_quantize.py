@@ -1,12 +1,17 @@
 """INT8: a real onnxruntime static quantization of a tiny model, its accuracy gate, and the edge app on it."""
 import json
+import platform
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
-from pcb_aoi import checkpoint, edge, export, quantize
+from pcb_aoi import checkpoint, edge, edge_app, export, int8, machine, quantize
 from pcb_aoi.config import CLASSES, QuantizeConfig
 from pcb_aoi.dataset import Dataset
 from pcb_aoi.inference import load_pair, prepare_input
@@ -37,7 +42,7 @@ def test_int8_model_loads_passes_its_gate_and_stays_close_to_fp32(fp32, tiny_pip
     assert report["nodes_kept_float"] > 0 and "Exp" in ops  # the box decoding stays float
     # Loads in onnxruntime, carries the contract, and its raw outputs stay near the FP32 model's.
     em = edge.EdgeModel(out)
-    assert em.contract["classes"] == list(CLASSES) and not em.end_to_end
+    assert em.contract["classes"] == list(CLASSES) and not em.end_to_end and em.precision == "int8"
     ds = Dataset.load(d / "clean")
     x = prepare_input(*load_pair(ds, ds.rows(ds.images.image_id[:1])[0]), True)[None]
     f_heat, f_box = export.ort_session(fp32).run(export.OUTPUTS, {"input": x})
@@ -72,3 +77,178 @@ def test_quantize_refuses_a_missing_model_or_one_without_contract(tiny_pipeline,
     with pytest.raises(ValueError, match="other.onnx: no pcb_aoi_contract metadata"):
         quantize.run(QuantizeConfig(), tmp_path / "other.onnx", *args)
     assert not (tmp_path / "o.onnx").exists()
+
+
+# --- INT8 formats: which CPUs compute what the gate measured ------------------------------------------
+
+AVX2 = machine.Cpu("AMD EPYC 7B12", "x86_64", frozenset({"avx2"}))
+AVX512_NO_VNNI = machine.Cpu("Intel Xeon Platinum 8168", "x86_64", frozenset({"avx2", "avx512f"}))
+VNNI = machine.Cpu("AMD EPYC 9B14", "x86_64", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}))
+ALDER_LAKE = machine.Cpu("12th Gen Intel Core i5-1235U", "x86_64", frozenset({"avx2", "avx_vnni"}))
+GRAVITON = machine.Cpu("Neoverse-N1", "aarch64", frozenset({"asimd", "asimddp"}))
+
+
+def conv_weights(path) -> dict:
+    """Conv name -> its stored quantized weights, traced by hand: Conv <- DequantizeLinear <- initializer."""
+    proto = onnx.load(str(path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    dq = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name: inits[dq[n.input[1]]] for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in dq}
+
+
+@pytest.fixture(scope="module")
+def int8_models(fp32, tiny_pipeline, tmp_path_factory):
+    d, _ = tiny_pipeline
+    out = {}
+    for fmt in ("u8s7", "u8s8", "u8u8"):
+        path = tmp_path_factory.mktemp(fmt) / "model.int8.onnx"
+        report = quantize.run(QuantizeConfig(calibration_images=4, format=fmt, max_map50_drop=1.0), fp32,
+                              d / "augmented", d / "clean", d / "split", path)
+        out[fmt] = path, report
+    return out
+
+
+def test_default_int8_format_cannot_saturate_int16_on_any_cpu(int8_models):
+    path, report = int8_models["u8s7"]
+    assert QuantizeConfig().format == "u8s7" and report["format"] == "u8s7"
+    weights = conv_weights(path)
+    assert len(weights) > 5
+    for name, w in weights.items():
+        assert w.dtype == np.int8, name
+        a = np.sort(np.abs(w.reshape(len(w), -1).astype(np.int64)), axis=1)
+        worst = 255 * (a[:, -1] + a[:, -2]).max()  # the two largest products an output channel can pair
+        assert worst <= 32767, f"{name}: two uint8 x int8 products can sum to {worst}"
+    contract = edge.EdgeModel(path).contract
+    assert contract["precision"] == "int8" and contract["int8"]["format"] == "u8s7"
+    assert contract["int8"]["needs_vnni_on_x86"] is False and contract["int8"]["weight_range"] == [-64, 64]
+
+
+def test_full_range_int8_can_saturate_and_says_so_uint8_weights_cannot(int8_models):
+    path, report = int8_models["u8s8"]
+    worst = max(255 * int(np.sort(np.abs(w.reshape(len(w), -1).astype(np.int64)), 1)[:, -2:].sum(1).max())
+                for w in conv_weights(path).values())
+    assert worst > 32767  # what the default format exists to avoid
+    assert quantize.int16_pair_bounds(onnx.load(str(path))) and max(
+        v for v in quantize.int16_pair_bounds(onnx.load(str(path))).values()) == worst
+    assert edge.EdgeModel(path).contract["int8"]["needs_vnni_on_x86"] is True
+    u8, _ = int8_models["u8u8"]
+    assert all(w.dtype == np.uint8 for w in conv_weights(u8).values())
+    assert set(quantize.int16_pair_bounds(onnx.load(str(u8))).values()) == {None}
+    # Where the gate ran and which CPUs the file is exact on travel in the report.
+    assert report["gate_measured_on"]["cpu"]["model"] == machine.cpu().model
+    assert report["exact_on_gate_machine"] == ("saturates" if machine.cpu().x86 and not machine.cpu().vnni else "exact")
+
+
+def test_a_file_that_breaks_its_format_is_refused(int8_models, tmp_path):
+    path, _ = int8_models["u8s7"]
+    proto = onnx.load(str(path))
+    name = next(iter(quantize.quantized_conv_weights(proto)))
+    conv = next(n for n in proto.graph.node if n.name == name)
+    dq = next(n for n in proto.graph.node if n.output[0] == conv.input[1])
+    init = next(t for t in proto.graph.initializer if t.name == dq.input[0])
+    w = onnx.numpy_helper.to_array(init).copy()
+    w.flat[:2] = 127  # two full-range weights side by side in one output channel
+    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    with pytest.raises(quantize.FormatError, match=rf"Conv {name} has int8 weights in \[.*, 127\], outside format u8s7"):
+        quantize.check_format(proto, int8.FORMATS["u8s7"], tmp_path / "x.onnx")
+    relaxed = int8.Int8Format("test", "int8", (-127, 127), False, False, "")
+    with pytest.raises(quantize.FormatError, match=r"must not overflow int16, but pairs of products reach .*64770"):
+        quantize.check_format(proto, relaxed, tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("cpu, fmt, expected", [
+    (AVX2, "u8s8", "saturates"), (AVX512_NO_VNNI, "u8s8", "saturates"), (VNNI, "u8s8", "exact"),
+    (ALDER_LAKE, "u8s8", "exact"), (GRAVITON, "u8s8", "exact"),
+    (AVX2, "u8s7", "exact"), (GRAVITON, "u8s7", "exact"), (AVX2, "u8u8", "exact"),
+], ids=lambda v: v.model if isinstance(v, machine.Cpu) else v)
+def test_verdict_per_format_and_injected_cpu(cpu, fmt, expected):
+    status, why = int8.verdict(int8.FORMATS[fmt].contract(), cpu)
+    assert status == expected and fmt in why and cpu.model in why
+    if expected == "saturates":
+        assert "avx2" in why and "VNNI" in why
+
+
+def detect_main(argv, monkeypatch, capsys, cpu):
+    monkeypatch.setattr(machine, "cpu", lambda: cpu)
+    code = edge_app.main([str(a) for a in argv])
+    return code, capsys.readouterr()
+
+
+def test_detect_warns_naming_format_and_cpu_only_where_the_model_saturates(int8_models, tiny_pipeline, monkeypatch,
+                                                                           capsys, tmp_path):
+    d, _ = tiny_pipeline
+    ds = Dataset.load(d / "clean")
+    row = ds.rows(ds.images.image_id[:1])[0]
+    (tmp_path / "a_test.png").write_bytes((ds.root / row.path).read_bytes())
+    (tmp_path / "a_temp.png").write_bytes((ds.root / row.template_path).read_bytes())
+    u8s8, u8s7 = int8_models["u8s8"][0], int8_models["u8s7"][0]
+    code, out = detect_main(["--model", u8s8, tmp_path / "a_test.png"], monkeypatch, capsys, AVX2)
+    assert code == 0 and json.loads(out.out)["status"] == "ok"
+    assert "warning" in out.err and "u8s8" in out.err and "AMD EPYC 7B12" in out.err and "avx2" in out.err
+    for model, cpu in [(u8s8, VNNI), (u8s7, AVX2)]:
+        code, out = detect_main(["--model", model, tmp_path / "a_test.png"], monkeypatch, capsys, cpu)
+        assert code == 0 and "warning" not in out.err
+    code, out = detect_main(["--model", u8s8, "--info"], monkeypatch, capsys, AVX2)
+    info = json.loads(out.out)
+    assert code == 0 and info["on_this_cpu"] == "saturates" and info["int8"]["format"] == "u8s8"
+    assert info["cpu"] == {"model": "AMD EPYC 7B12", "arch": "x86_64", "isa": ["avx2"]}
+
+
+def test_int8_model_from_before_formats_is_accepted_with_an_unknown_accuracy_warning(fp32, int8_models, monkeypatch,
+                                                                                   capsys, tmp_path):
+    proto = onnx.load(str(int8_models["u8s8"][0]))
+    for p in proto.metadata_props:  # the contract as the quantize stage wrote it before this change
+        if p.key == export.CONTRACT_KEY:
+            c = json.loads(p.value)
+            del c["precision"], c["int8"]
+            p.value = json.dumps(c)
+    old = tmp_path / "old.int8.onnx"
+    onnx.save(proto, str(old))
+    m = edge.EdgeModel(old)
+    assert m.precision == "int8"
+    for cpu in (AVX2, VNNI):
+        status, why = m.cpu_verdict(cpu)
+        assert status == "unknown" and "records no INT8 format" in why and cpu.model in why
+    code, out = detect_main(["--model", old, "--info"], monkeypatch, capsys, VNNI)
+    assert code == 0 and json.loads(out.out)["on_this_cpu"] == "unknown"
+    fp = edge.EdgeModel(fp32)  # FP32 arithmetic is the same everywhere
+    assert fp.precision == "fp32" and fp.cpu_verdict(AVX2)[0] == "exact"
+
+
+EMULATED_AVX2 = "EPYC-Rome"  # qemu's AMD Zen 2: AVX2, no AVX-512, no VNNI
+QEMU = shutil.which("qemu-x86_64")
+RUN_MODELS = """
+import json, sys
+import numpy as np, onnxruntime as ort
+x = np.load(sys.argv[1])
+out = {}
+for name, path in json.loads(sys.argv[2]).items():
+    out[name] = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+np.savez(sys.argv[3], **out)
+from pcb_aoi import machine
+print(json.dumps(machine.cpu().describe()))
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="emulates an x86 CPU with qemu-x86_64: x86_64 hosts only")
+@pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 not installed (Debian: apt-get install qemu-user; `make test` "
+                                         "installs it where it runs as root)")
+def test_default_int8_model_gives_the_same_outputs_on_an_emulated_avx2_cpu(int8_models, tiny_pipeline, tmp_path):
+    """ONNX Runtime under qemu -cpu EPYC-Rome picks the kernels of an AVX2-only CPU (int16 pairs):
+    the u8s7 model must compute there what it computes natively, whatever this machine's CPU."""
+    d, _ = tiny_pipeline
+    ds = Dataset.load(d / "clean")
+    x = np.stack([prepare_input(*load_pair(ds, r), True) for r in ds.rows(ds.images.image_id[:2])])
+    np.save(tmp_path / "x.npy", x)
+    models = {"u8s7": str(int8_models["u8s7"][0]), "u8u8": str(int8_models["u8u8"][0])}
+    r = subprocess.run([QEMU, "-cpu", EMULATED_AVX2, sys.executable, "-c", RUN_MODELS, str(tmp_path / "x.npy"),
+                        json.dumps(models), str(tmp_path / "emulated.npz")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    seen = json.loads(r.stdout.splitlines()[-1])
+    assert seen["isa"] == ["avx2"], f"the emulated CPU should have AVX2 only, pcb_aoi saw {seen}"
+    emulated = np.load(tmp_path / "emulated.npz")
+    for name, path in models.items():
+        native = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        # Integer arithmetic is exact on both; only the float parts (box decoding) may round differently.
+        assert np.abs(native - emulated[name]).max() <= 1e-4, name

@@ -307,3 +307,30 @@ def test_background_crops_cut_some_crops_away_from_every_defect_and_are_seeded(t
     empty = sum(len(boxes) == 0 for _, boxes, _ in anywhere)
     assert 0 < empty < len(anywhere), "some crops (not all) hold no defect"
     assert all(torch.equal(a[0], b[0]) for a, b in zip(anywhere, crops(0.5))), "same seed, same crops"
+
+
+def test_precision_auto_resolves_per_injected_cpu_and_emulated_bf16_warns():
+    from pcb_aoi.machine import Cpu
+
+    cpu = torch.device("cpu")
+    avx2 = Cpu("AMD EPYC 7B12", "x86_64", frozenset({"avx2"}))
+    bf16 = Cpu("AMD EPYC 9B14", "x86_64", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}))
+    amx = Cpu("Intel Xeon Platinum 8481C", "x86_64", frozenset({"avx2", "avx512f", "amx_bf16", "amx_int8"}))
+    graviton3 = Cpu("Neoverse-V1", "aarch64", frozenset({"asimd", "bf16"}))
+    assert train.resolve_precision("auto", cpu, avx2) == ("fp32", None)
+    for native in (bf16, amx, graviton3):
+        assert train.resolve_precision("auto", cpu, native) == ("bf16", None)
+        assert train.resolve_precision("bf16", cpu, native) == ("bf16", None)
+    precision, warning = train.resolve_precision("bf16", cpu, avx2)
+    assert precision == "bf16", "an explicit choice is kept, never silently changed"
+    assert "AMD EPYC 7B12" in warning and "emulated" in warning and "2.6x slower" in warning
+    assert train.resolve_precision("fp32", cpu, bf16) == ("fp32", None)
+
+
+def test_train_report_records_precision_as_run_and_the_machine(tiny_pipeline, tmp_path):
+    from pcb_aoi import machine
+
+    report = run_train(tiny_pipeline, tmp_path, epochs=1, precision="auto")
+    assert report["precision_requested"] == "auto"
+    assert report["precision"] == ("bf16" if machine.cpu().bf16_native else "fp32")
+    assert report["machine"]["cpu"] == machine.cpu().describe() and report["machine"]["gpu"] is None

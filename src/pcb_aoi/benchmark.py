@@ -22,13 +22,12 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import checkpoint, edge
+from . import checkpoint, edge, machine
 from .config import BenchmarkConfig
 from .dataset import Dataset, atomic_dir, write_json
 from .evaluate import score, test_ids
 from .export import ort_runner, ort_session
 from .inference import Runner, decode, load_pair, prepare_input, stack_padded, torch_runner
-from .machine import cpu_model
 from .preprocess import register_template
 
 
@@ -152,7 +151,10 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
     cpu = "CPUExecutionProvider"
     report = {
         "threads": threads,
-        "cpu": cpu_model(),
+        "cpu": machine.cpu_model(),
+        # Instruction sets decide speed (VNNI, AVX-512) and, for some INT8 formats, accuracy.
+        "machine": machine.describe(torch.cuda.get_device_name(0) if any(
+            p in providers for p in PROVIDERS[2:]) and torch.cuda.is_available() else None),
         "image_size": [int(rows[0].width), int(rows[0].height)],
         "providers": providers,
         "variants": variants,
@@ -160,6 +162,9 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
                                       / by["onnxruntime-fp32", cpu]["ms_p50"], 3),
     }
     if int8_path:
+        m = edge.EdgeModel(int8_path)
+        report["int8_format"] = (m.contract.get("int8") or {}).get("format")
+        report["int8_on_this_cpu"] = m.cpu_verdict()[0]  # exact | saturates | unknown
         report["int8_vs_fp32_speedup"] = round(by["onnxruntime-fp32", cpu]["ms_p50"]
                                                / by["onnxruntime-int8", cpu]["ms_p50"], 3)
     report["compute"] = sizing(model, ckpt, train_report, train_cfg, data_dirs)

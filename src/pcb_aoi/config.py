@@ -97,7 +97,7 @@ class TrainConfig:
     workers: int = 1  # data-loading processes beside training; 0 = load in the training process
     cache_mb: int = 4096  # keep the decoded training images in RAM when they fit in this many MiB; 0 = never
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the GPU when torch sees one
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast forward (CPUs with AVX512-BF16/AMX, GPUs)
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"  # bf16: autocast forward; auto: bf16 where native
     val_every: int = 1  # validate every N epochs (and after the last)
     resume: bool = True  # continue an interrupted run from models/checkpoints/last.pt when compatible
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -124,6 +124,7 @@ class QuantizeConfig:
     op_types: tuple[str, ...] = ("Conv", "Add", "Relu", "Resize")  # ONNX ops to quantize
     keep_float: tuple[str, ...] = ()  # nodes whose name contains one of these stay float
     max_map50_drop: float = 0.005  # accuracy gate: test mAP@0.5 FP32 - INT8 at most this
+    format: Literal["u8s7", "u8s8", "u8u8"] = "u8s7"  # INT8 arithmetic (pcb_aoi.int8): u8s7 is exact on every CPU
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import int8, machine
 from .preprocess import PAD_VALUES, register_template
 from .preprocess import prepare_input as _prepare
 from .preprocess import read_grey as _read_grey
@@ -169,6 +170,27 @@ class EdgeModel:
         self.register_px = int(self.contract.get("register_max_px", 0))  # older models: pairs as given
         self.end_to_end = self.contract["outputs"] == "detections"
         self.input_name = self.session.get_inputs()[0].name
+        # Models quantized before the contract recorded a precision carry only the "quantization" key.
+        self.precision = self.contract.get("precision", "int8" if "quantization" in meta else "fp32")
+
+    def cpu_verdict(self, cpu: machine.Cpu | None = None) -> tuple[str, str]:
+        """Does this model compute on ``cpu`` (default: this one) what its accuracy gate measured?
+        (``exact`` | ``saturates`` | ``unknown``, a sentence naming the format and the CPU); ``pcb_aoi.int8``."""
+        cpu = cpu or machine.cpu()
+        if self.precision != "int8":
+            return "exact", f"{self.precision} model: no integer arithmetic that depends on the CPU ({cpu})"
+        return int8.verdict(self.contract.get("int8"), cpu)
+
+    def info(self, cpu: machine.Cpu | None = None) -> dict:
+        """What ``pcb-aoi-detect --info`` prints: the model's contract and how it fares on this CPU."""
+        cpu = cpu or machine.cpu()
+        status, why = self.cpu_verdict(cpu)
+        c = self.contract
+        return {"model": str(self.path), "precision": self.precision, "int8": c.get("int8"),
+                "classes": self.classes, "needs_template": self.needs_template, "outputs": c["outputs"],
+                "register_max_px": self.register_px, "score_threshold": c["score_threshold"],
+                "model_config": c.get("model_config"), "cpu": cpu.describe(), "on_this_cpu": status, "why": why,
+                "providers": self.session.get_providers()}
 
     def register(self, test: np.ndarray, template: np.ndarray) -> np.ndarray:
         """The template moved onto ``test`` when the model was trained on registered pairs, else as given."""

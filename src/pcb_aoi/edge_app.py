@@ -5,6 +5,8 @@ Runs with the light ``pcb-aoi[edge]`` install (numpy, onnxruntime, pillow; no to
 Files:   pcb-aoi-detect --model model.e2e.onnx a_test.png b_test.png [--out results.jsonl]
 Folder:  pcb-aoi-detect --model model.e2e.onnx --watch incoming/ --out-dir results/
 
+Model:   pcb-aoi-detect --model model.int8.onnx --info   (contract, INT8 format, this CPU, verdict)
+
 One JSON line per image: ``{"file", "status": "ok", "detections": [{"class", "score", "box"}], "ms"}``
 (box = x1 y1 x2 y2 in image pixels), or ``{"file", "status": "error", "error"}``.
 
@@ -20,6 +22,11 @@ alone until their size and time stamp stay the same for ``--settle`` seconds; hi
 ``*.tmp``/``*.part`` names are ignored (write ``x.png.tmp`` and rename it, the safe way to drop a
 file). A corrupt image is logged and journaled as an error; the watcher moves on. SIGINT/SIGTERM:
 the current image is finished, then the app exits 0.
+
+INT8 models: the arithmetic of some INT8 formats depends on the CPU (``pcb_aoi.int8``: full-range int8
+weights saturate on x86 CPUs without VNNI). At start the app warns, naming the model's format and this
+CPU's instruction sets, when the model is known to lose accuracy here or when its format is unknown
+(quantized before pcb-aoi recorded it); ``--info`` prints the verdict.
 
 Files are decoded (and pairs registered, for models that want it) one ahead in a reader thread while
 the model runs on the current one (file reads, PNG decoding and numpy release the GIL), so on a
@@ -274,6 +281,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "this many seconds (%(default)s)")
     ap.add_argument("--template-wait", type=float, default=30.0, help="folder mode: seconds to wait for the "
                     "X_temp file of an X_test file before recording an error (%(default)s)")
+    ap.add_argument("--info", action="store_true", help="print the model's contract (classes, template, INT8 "
+                    "format), this CPU's instruction sets and whether the model computes exactly on it, as JSON; "
+                    "then exit")
     ap.add_argument("--quiet", action="store_true", help="log errors only, not a line per image")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads, 0 = all cores")
     ap.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS), help="ONNX Runtime execution provider "
@@ -286,8 +296,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("give --template or --template-dir, not both")
     if args.watch and (args.images or args.out or not args.out_dir):
         ap.error("--watch takes --out-dir and no image arguments or --out")
-    if not args.watch and not args.images:
-        ap.error("give image files, or --watch FOLDER --out-dir FOLDER")
+    if args.info and (args.images or args.watch):
+        ap.error("--info takes only --model (and --provider)")
+    if not args.watch and not args.images and not args.info:
+        ap.error("give image files, or --watch FOLDER --out-dir FOLDER (or --info)")
     if args.score is not None and not 0 <= args.score <= 1:
         ap.error(f"--score {args.score}: must be between 0 and 1")
     return args
@@ -297,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model = EdgeModel(args.model, threads=args.threads, provider=args.provider, spin=args.spin == "on")
+        if args.info:
+            print(json.dumps(model.info(), indent=1))
+            return 0
+        status, why = model.cpu_verdict()
+        if status != "exact":
+            log(f"warning: {args.model}: {why}")
         det = Detector(model, args)
         if args.watch:
             return watch(det, args.watch, args.out_dir, args)

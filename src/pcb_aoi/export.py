@@ -68,6 +68,7 @@ def contract(ckpt: dict, score_threshold: float, end_to_end: bool) -> dict:
         "output_names": e2e.OUTPUTS if end_to_end else OUTPUTS,
         "decode": {"top_k": e2e.TOP_K, "nms_iou": e2e.NMS_IOU, "min_score": e2e.MIN_SCORE},
         "score_threshold": score_threshold,  # default operating point (evaluate.score_threshold)
+        "precision": "fp32",  # the quantize stage writes int8 and the INT8 format (pcb_aoi.int8) into its copy
         "model_config": ckpt["model_config"],
     }
 
