@@ -252,3 +252,12 @@ def test_default_int8_model_gives_the_same_outputs_on_an_emulated_avx2_cpu(int8_
         native = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
         # Integer arithmetic is exact on both; only the float parts (box decoding) may round differently.
         assert np.abs(native - emulated[name]).max() <= 1e-4, name
+
+
+def test_gate_failure_of_a_saturating_format_says_which_format_to_use(fp32, tiny_pipeline, tmp_path, monkeypatch):
+    d, _ = tiny_pipeline
+    monkeypatch.setattr(machine, "cpu", lambda: AVX2)  # the gate runs on an AVX2-only CPU
+    cfg = QuantizeConfig(calibration_images=2, max_map50_drop=-1.0, format="u8s8")
+    with pytest.raises(quantize.AccuracyGateError, match=r"u8s8 .* loses accuracy on AMD EPYC 7B12 \(x86_64; avx2\).*"
+                                                         r"quantize.format: u8s7.*Measured on AMD EPYC 7B12"):
+        quantize.run(cfg, fp32, d / "augmented", d / "clean", d / "split", tmp_path / "m.onnx")

@@ -167,11 +167,13 @@ def run(cfg: QuantizeConfig, fp32_path: str | Path, train_dir: str | Path, clean
         int8_m, _ = score(ort_runner(ort_session(tmp)), ds, ids, classes, use_template, 0.5)
         drop = round((fp32_m["map50"] or 0.0) - (int8_m["map50"] or 0.0), 6)
         if drop > cfg.max_map50_drop:
+            status, why = verdict(fmt.contract(), machine.cpu())
+            fix = (f"{why}" if status == "saturates" else "keep more layers in float (quantize.keep_float), try "
+                   "quantize.calibration: percentile, or more calibration_images")
             raise AccuracyGateError(
                 f"INT8 accuracy gate failed: test mAP@0.5 {int8_m['map50']} vs FP32 {fp32_m['map50']}, a drop of "
-                f"{drop:.4f} > quantize.max_map50_drop {cfg.max_map50_drop}; keep more layers in float "
-                f"(quantize.keep_float), try quantize.calibration: percentile, or more calibration_images. "
-                f"Measured on {machine.cpu()}. Kept the previous {out}")
+                f"{drop:.4f} > quantize.max_map50_drop {cfg.max_map50_drop}; {fix}. Measured on {machine.cpu()}. "
+                f"Kept the previous {out}")
         size = tmp.stat().st_size
     return {"calibration_images": len(inputs), "test_images": len(ids), "fp32_map50": fp32_m["map50"],
             "int8_map50": int8_m["map50"], "map50_drop": drop, "max_map50_drop": cfg.max_map50_drop,
