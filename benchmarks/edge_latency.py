@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pcb_aoi.edge import PROVIDERS, EdgeModel, read_grey, read_pair
-from pcb_aoi.edge_app import Detector
-from pcb_aoi import machine
+from pcb_aoi.edge import machine
+from pcb_aoi.edge.app import Detector
+from pcb_aoi.edge.runtime import PROVIDERS, EdgeModel, read_grey, read_pair
 
 
 def find_pairs(folder: Path, limit: int) -> list[tuple[Path, Path]]:

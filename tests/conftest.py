@@ -45,8 +45,8 @@ def tiny_params(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """The tiny pipeline's data stages run once through the library: raw, clean, split, augmented."""
-    from pcb_aoi import augment, etl, ingest, split
-    from pcb_aoi.config import load_params
+    from pcb_aoi.data import augment, etl, ingest, split
+    from pcb_aoi.pipeline.config import load_params
 
     d = tmp_path_factory.mktemp("tiny")
     p = load_params(write_params(d / "params.yaml", TINY))

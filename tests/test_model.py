@@ -2,12 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from pcb_aoi import checkpoint, export, train
-from pcb_aoi.config import CLASSES, ExportConfig
-from pcb_aoi.dataset import Dataset
-from pcb_aoi.inference import decode, load_pair, prepare_input
-from pcb_aoi.loss import box_loss, build_targets, focal_loss
-from pcb_aoi.model import Detector, DetectorConfig
+from pcb_aoi.data.dataset import Dataset
+from pcb_aoi.deploy import export
+from pcb_aoi.model import checkpoint, training as train
+from pcb_aoi.model.inference import decode, load_pair, prepare_input
+from pcb_aoi.model.loss import box_loss, build_targets, focal_loss
+from pcb_aoi.model.network import Detector, DetectorConfig
+from pcb_aoi.pipeline.config import CLASSES, ExportConfig
 
 
 def _batch(tiny_pipeline, n=4):

@@ -88,7 +88,7 @@ def test_deps_are_complete(repo):
     set_params(repo, {"seed": 1})
     assert changed(repo) == {"ingest", "split", "augment", "train"}  # every stage using the seed
     set_params(repo, {})
-    lib = repo / "src/pcb_aoi/loss.py"
+    lib = repo / "src/pcb_aoi/model/loss.py"
     original = lib.read_text()
     lib.write_text(original + "\n# edited\n")
     assert changed(repo) == {"train"}  # and, through models/model.pt, what follows it

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, copy_project, write_params
-from pcb_aoi.overlays import HEADER, scale_of
-from pcb_aoi.review import HEADLINE
+from pcb_aoi.evaluation.overlays import HEADER, scale_of
+from pcb_aoi.evaluation.review import HEADLINE
 
 VARIANT = ["-S", "train.epochs=8", "-S", "train.lr=0.01", "-S", "evaluate.score_threshold=0.1"]
 
@@ -192,12 +192,12 @@ def test_bad_revisions_fail_clearly(repo, tmp_path):
 
 
 def test_check_deps_names_an_untracked_dependency(repo):
-    check = [sys.executable, "-m", "pcb_aoi.untracked"]
+    check = [sys.executable, "-m", "pcb_aoi.pipeline.untracked"]
     assert sh(repo, *check).returncode == 0
     dvc_yaml = (repo / "dvc.yaml").read_text()
     (repo / "src/pcb_aoi/extra.py").write_text("X = 1\n")
-    (repo / "dvc.yaml").write_text(dvc_yaml.replace("      - src/pcb_aoi/overlays.py\n",
-                                                    "      - src/pcb_aoi/overlays.py\n      - src/pcb_aoi/extra.py\n", 1))
+    (repo / "dvc.yaml").write_text(dvc_yaml.replace("      - src/pcb_aoi/evaluation/overlays.py\n",
+                                                    "      - src/pcb_aoi/evaluation/overlays.py\n      - src/pcb_aoi/extra.py\n", 1))
     try:
         r = sh(repo, *check, check=False)
         assert r.returncode == 1 and "src/pcb_aoi/extra.py (needed by evaluate)" in r.stderr

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from pcb_aoi import checkpoint, train
-from pcb_aoi.dataset import Dataset
+from pcb_aoi.data.dataset import Dataset
+from pcb_aoi.model import checkpoint, training as train
 
 
 def weights(path):
@@ -222,8 +222,8 @@ def test_device_auto_falls_back_to_cpu_and_cuda_without_gpu_says_so():
 
 
 def test_without_a_val_split_every_non_test_board_trains_and_the_last_epoch_is_kept(tiny_pipeline, tmp_path):
-    from pcb_aoi import split
-    from pcb_aoi.dataset import split_ids
+    from pcb_aoi.data import split
+    from pcb_aoi.data.dataset import split_ids
 
     d, p = tiny_pipeline
     split.run(dataclasses.replace(p.split, val_fraction=0.0), p.seed, p.classes, d / "clean", tmp_path / "split")
@@ -310,7 +310,7 @@ def test_background_crops_cut_some_crops_away_from_every_defect_and_are_seeded(t
 
 
 def test_precision_auto_resolves_per_injected_cpu_and_emulated_bf16_warns():
-    from pcb_aoi.machine import Cpu
+    from pcb_aoi.edge.machine import Cpu
 
     cpu = torch.device("cpu")
     avx2 = Cpu("AMD EPYC 7B12", "x86_64", frozenset({"avx2"}))
@@ -328,7 +328,7 @@ def test_precision_auto_resolves_per_injected_cpu_and_emulated_bf16_warns():
 
 
 def test_train_report_records_precision_as_run_and_the_machine(tiny_pipeline, tmp_path):
-    from pcb_aoi import machine
+    from pcb_aoi.edge import machine
 
     report = run_train(tiny_pipeline, tmp_path, epochs=1, precision="auto")
     assert report["precision_requested"] == "auto"

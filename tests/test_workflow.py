@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from pcb_aoi import review, untracked
+from pcb_aoi.evaluation import review
+from pcb_aoi.pipeline import untracked
 
 WORKFLOW = ROOT / ".github/workflows/review.yml"
 EXTERNAL = {"pip", "gh", "echo"}  # on GitHub's runners; `dvc` and the project's scripts are checked below

@@ -7,8 +7,8 @@ import os
 import sys
 from typing import Callable
 
+from ..data.dataset import write_json
 from .config import ConfigError, Params, load_params
-from .dataset import write_json
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -18,11 +18,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from . import checkpoint, e2e
-from .config import ExportConfig
-from .dataset import Dataset, atomic_file
-from .inference import decode, load_pair
-from .preprocess import PAD_MULTIPLE, PAD_VALUES, prepare_input, stack_padded
+from ..data.dataset import Dataset, atomic_file
+from ..edge.preprocess import PAD_MULTIPLE, PAD_VALUES, prepare_input, stack_padded
+from ..model import checkpoint
+from ..model.inference import decode, load_pair
+from ..pipeline.config import ExportConfig
+from . import e2e
 
 INPUT, OUTPUTS = "input", ["heatmap", "boxes"]
 CONTRACT_KEY, CONTRACT_FORMAT = "pcb_aoi_contract", "pcb-aoi-onnx/1"

@@ -33,14 +33,16 @@ import torch.distributed as dist
 from dvclive import Live
 from tqdm import tqdm
 
-from . import augment, checkpoint, machine
-from .config import TrainConfig, to_dict
-from .dataset import Dataset, atomic_dir, atomic_file, registration_px, split_ids
+from ..data import augment
+from ..data.dataset import Dataset, atomic_dir, atomic_file, registration_px, split_ids
+from ..edge import machine
+from ..edge.preprocess import move_image
+from ..evaluation.metrics import coco_metrics
+from ..pipeline.config import TrainConfig, to_dict
+from . import checkpoint
 from .inference import load_pair, predict, prepare_input, stack_padded, torch_runner
 from .loss import box_loss, build_targets, focal_loss
-from .metrics import coco_metrics
-from .model import Detector, DetectorConfig
-from .preprocess import move_image
+from .network import Detector, DetectorConfig
 
 RESUME_FORMAT = "pcb-aoi-resume/1"
 NOT_IN_FINGERPRINT = ("device", "threads", "workers", "cache_mb", "resume")  # how to run, not what is trained

@@ -23,13 +23,13 @@ import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
 
-from . import machine
-from .config import QuantizeConfig
-from .dataset import Dataset, atomic_file, split_ids
-from .evaluate import score
+from ..data.dataset import Dataset, atomic_file, split_ids
+from ..edge import machine
+from ..edge.int8 import FORMATS, INT16_MAX, UINT8_MAX, Int8Format, verdict
+from ..evaluation.evaluate import score
+from ..model.inference import load_pair, prepare_input
+from ..pipeline.config import QuantizeConfig
 from .export import CONTRACT_KEY, INPUT, ort_runner, ort_session
-from .inference import load_pair, prepare_input
-from .int8 import FORMATS, INT16_MAX, UINT8_MAX, Int8Format, verdict
 
 
 class AccuracyGateError(RuntimeError):

@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .config import AugmentConfig
+from ..edge.preprocess import read_grey
+from ..pipeline.config import AugmentConfig
 from .dataset import Dataset, atomic_dir, make_boxes_frame, make_images_frame, split_ids
-from .preprocess import read_grey
 
 
 def build(cfg: AugmentConfig, seed: int) -> A.Compose:

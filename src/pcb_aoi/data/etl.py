@@ -21,9 +21,9 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .config import EtlConfig
+from ..edge.preprocess import read_grey, register_template
+from ..pipeline.config import EtlConfig
 from .dataset import REGISTRATION, Dataset, atomic_dir, make_boxes_frame, make_images_frame, per_class_counts
-from .preprocess import read_grey, register_template
 
 
 def box_problem(row, width: int, height: int, classes: tuple[str, ...], min_px: float) -> str | None:

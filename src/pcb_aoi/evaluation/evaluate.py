@@ -12,18 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import checkpoint, overlays
-from .config import EvaluateConfig
-from .dataset import Dataset, atomic_dir, split_ids, write_json
-from .inference import Runner, predict, torch_runner
+from ..data.dataset import Dataset, atomic_dir, test_ids, write_json
+from ..model import checkpoint
+from ..model.inference import Runner, predict, torch_runner
+from ..pipeline.config import EvaluateConfig
+from . import overlays
 from .metrics import coco_metrics, operating_point
-
-
-def test_ids(split_dir: str | Path) -> list[str]:
-    ids = split_ids(split_dir, "test")
-    if not ids:
-        raise ValueError(f"{split_dir}/split.parquet: the test split is empty")
-    return ids
 
 
 def score(runner: Runner, ds: Dataset, ids: list[str], classes: tuple[str, ...], use_template: bool,

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .dataset import Dataset
-from .preprocess import read_grey
+from ..data.dataset import Dataset
+from ..edge.preprocess import read_grey
 from .metrics import NO_DETECTIONS, Annotations, above, match
 
 TARGET_SIDE = 512  # small images are enlarged (nearest neighbour, integer factor) to about this side

@@ -22,13 +22,14 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import checkpoint, edge, machine
-from .config import BenchmarkConfig
-from .dataset import Dataset, atomic_dir, write_json
-from .evaluate import score, test_ids
+from ..data.dataset import Dataset, atomic_dir, test_ids, write_json
+from ..edge import machine, runtime
+from ..edge.preprocess import register_template
+from ..evaluation.evaluate import score
+from ..model import checkpoint
+from ..model.inference import Runner, decode, load_pair, prepare_input, stack_padded, torch_runner
+from ..pipeline.config import BenchmarkConfig
 from .export import ort_runner, ort_session
-from .inference import Runner, decode, load_pair, prepare_input, stack_padded, torch_runner
-from .preprocess import register_template
 
 
 def _percentiles(ms: list[float]) -> dict:
@@ -42,7 +43,7 @@ def torch_post(heat: np.ndarray, boxes: np.ndarray) -> None:
 
 def numpy_post(heat: np.ndarray, boxes: np.ndarray) -> None:
     """What the torch-free edge app runs after ONNX Runtime."""
-    edge.decode(heat, boxes, 0.01)  # decode()'s default threshold, as the PyTorch variant
+    runtime.decode(heat, boxes, 0.01)  # decode()'s default threshold, as the PyTorch variant
 
 
 def time_variant(runner: Runner, ds: Dataset, rows: list, use_template: bool, cfg: BenchmarkConfig,
@@ -162,7 +163,7 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
                                       / by["onnxruntime-fp32", cpu]["ms_p50"], 3),
     }
     if int8_path:
-        m = edge.EdgeModel(int8_path)
+        m = runtime.EdgeModel(int8_path)
         report["int8_format"] = (m.contract.get("int8") or {}).get("format")
         report["int8_on_this_cpu"] = m.cpu_verdict()[0]  # exact | saturates | unknown
         report["int8_vs_fp32_speedup"] = round(by["onnxruntime-fp32", cpu]["ms_p50"]

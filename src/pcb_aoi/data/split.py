@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
-from .config import SplitConfig
+from ..pipeline.config import SplitConfig
 from .dataset import Dataset, atomic_dir, per_class_counts
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from .config import IngestConfig, SynthConfig
+from ..pipeline.config import IngestConfig, SynthConfig
 from .dataset import Dataset, atomic_dir, make_boxes_frame, make_images_frame, per_class_counts
 from .readers import READERS, DataError
 from .sources import resolve

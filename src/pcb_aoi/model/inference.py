@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
-from .dataset import Dataset
-from .preprocess import prepare_input, read_pair, stack_padded
+from ..data.dataset import Dataset
+from ..edge.preprocess import prepare_input, read_pair, stack_padded
 
 def load_pair(ds: Dataset, row) -> tuple[np.ndarray, np.ndarray | None]:
     return read_pair(ds.root / row.path, ds.root / row.template_path if row.template_path else None)

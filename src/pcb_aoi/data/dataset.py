@@ -116,6 +116,14 @@ def split_ids(split_dir: str | Path, name: str) -> list[str]:
     return table.loc[table["split"] == name, "image_id"].tolist()
 
 
+def test_ids(split_dir: str | Path) -> list[str]:
+    """Image ids of the test split; ValueError when it is empty (nothing to score a model on)."""
+    ids = split_ids(split_dir, "test")
+    if not ids:
+        raise ValueError(f"{split_dir}/split.parquet: the test split is empty")
+    return ids
+
+
 def make_images_frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=IMAGE_COLUMNS)
     return df.astype({"width": "int32", "height": "int32"})

@@ -49,7 +49,7 @@ from typing import Iterable, Iterator
 
 from PIL import Image, ImageDraw
 
-from .edge import PROVIDERS, EdgeError, EdgeModel, read_grey, read_pair
+from .runtime import PROVIDERS, EdgeError, EdgeModel, read_grey, read_pair
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", "~")

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from .dataset import atomic_file
-from .preprocess import PAD_MULTIPLE
-from .model import Detector, DetectorConfig
+from ..data.dataset import atomic_file
+from ..edge.preprocess import PAD_MULTIPLE
+from .network import Detector, DetectorConfig
 
 FORMAT = "pcb-aoi-checkpoint/1"
 

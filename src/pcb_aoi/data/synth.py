@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .config import CLASSES, SynthConfig
+from ..pipeline.config import CLASSES, SynthConfig
 
 DIRECTIONS = np.array([(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)], float)
 DIRECTIONS /= np.linalg.norm(DIRECTIONS, axis=1, keepdims=True)

@@ -1,0 +1,12 @@
+"""What runs on the edge box, without PyTorch: the model contract, image decoding and registration, the
+ONNX Runtime model and its numpy decoding, the INT8 formats and CPU checks, and the pcb-aoi-detect app."""
+from .._lazy import exports
+
+EXPORTS = {
+    "EdgeModel": "runtime", "EdgeError": "runtime", "Detection": "runtime", "decode": "runtime",
+    "read_grey": "runtime", "read_pair": "runtime",
+    "register_template": "preprocess", "PAD_MULTIPLE": "preprocess", "PAD_VALUES": "preprocess",
+    "Cpu": "machine", "cpu": "machine", "FORMATS": "int8", "Int8Format": "int8", "verdict": "int8",
+}
+__all__ = sorted(EXPORTS)
+__getattr__, __dir__ = exports(__name__, EXPORTS)
