@@ -28,7 +28,8 @@ import numpy as np
 
 from pcb_aoi.edge import machine
 from pcb_aoi.edge.app import Detector
-from pcb_aoi.edge.runtime import PROVIDERS, EdgeModel, read_grey, read_pair
+from pcb_aoi.edge.contract import PROVIDERS
+from pcb_aoi.edge.runtime import EdgeModel, read_grey, read_pair
 
 
 def find_pairs(folder: Path, limit: int) -> list[tuple[Path, Path]]:

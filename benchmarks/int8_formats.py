@@ -39,8 +39,7 @@ def score_models(models: dict[str, str], clean: str, split: str, limit: int = 0)
     """name -> {map50, map} on the test split (its first ``limit`` images when > 0) with ONNX Runtime,
     plus the CPU this process sees."""
     from pcb_aoi.data.dataset import Dataset, split_ids
-    from pcb_aoi.deploy.export import ort_runner, ort_session
-    from pcb_aoi.edge.runtime import EdgeModel
+    from pcb_aoi.edge.runtime import EdgeModel, ort_runner, ort_session
     from pcb_aoi.evaluation.evaluate import score
 
     ds, ids = Dataset.load(clean), split_ids(split, "test")
@@ -56,7 +55,8 @@ def score_models(models: dict[str, str], clean: str, split: str, limit: int = 0)
 def time_models(models: dict[str, str], clean: str, split: str, rounds: int, warmup: int) -> dict:
     """name -> latency p50/p99 (ms, batch 1, inference only) and stream FPS over the test images."""
     from pcb_aoi.data.dataset import Dataset, split_ids
-    from pcb_aoi.deploy.export import INPUT, ort_session
+    from pcb_aoi.edge.contract import INPUT
+    from pcb_aoi.edge.runtime import ort_session
     from pcb_aoi.model.inference import load_pair, prepare_input
 
     ds, ids = Dataset.load(clean), split_ids(split, "test")
@@ -83,7 +83,7 @@ def time_models(models: dict[str, str], clean: str, split: str, rounds: int, war
 def _contracts(models: dict[str, str]) -> dict[str, str]:
     import onnx
 
-    from pcb_aoi.deploy.export import CONTRACT_KEY
+    from pcb_aoi.edge.contract import CONTRACT_KEY
 
     return {k: next(p.value for p in onnx.load(p_, load_external_data=False).metadata_props if p.key == CONTRACT_KEY)
             for k, p_ in models.items()}

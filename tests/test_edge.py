@@ -89,7 +89,7 @@ def test_edge_detections_match_the_pytorch_pipeline(models, variant, spin):
 def test_end_to_end_parity_gate_passes_and_fails(models):
     model, _, e2e_path, ds = models
     x = np.stack([prepare_input(*load_pair(ds, r), True) for r in ds.rows(ds.images.image_id[:3])])
-    sess = export.ort_session(e2e_path)
+    sess = runtime.ort_session(e2e_path)
     report = export.parity_e2e(model, sess, x, atol=1e-4)  # batch 3, exported at batch 1
     assert report["same_detections"] and report["detections"] > 10 and report["max_box_diff_px"] <= 0.5
     shifted = overlapping_model()

@@ -14,6 +14,7 @@ import torch
 from pcb_aoi.data.dataset import Dataset
 from pcb_aoi.deploy import export, quantize
 from pcb_aoi.edge import app, int8, machine, runtime
+from pcb_aoi.edge.contract import CONTRACT_KEY, OUTPUTS
 from pcb_aoi.model import checkpoint
 from pcb_aoi.model.inference import load_pair, prepare_input
 from pcb_aoi.pipeline.config import CLASSES, QuantizeConfig
@@ -47,8 +48,8 @@ def test_int8_model_loads_passes_its_gate_and_stays_close_to_fp32(fp32, tiny_pip
     assert em.contract["classes"] == list(CLASSES) and not em.end_to_end and em.precision == "int8"
     ds = Dataset.load(d / "clean")
     x = prepare_input(*load_pair(ds, ds.rows(ds.images.image_id[:1])[0]), True)[None]
-    f_heat, f_box = export.ort_session(fp32).run(export.OUTPUTS, {"input": x})
-    q_heat, q_box = em.session.run(export.OUTPUTS, {"input": x})
+    f_heat, f_box = runtime.ort_session(fp32).run(OUTPUTS, {"input": x})
+    q_heat, q_box = em.session.run(OUTPUTS, {"input": x})
     assert np.corrcoef(f_heat.ravel(), q_heat.ravel())[0, 1] > 0.95
     assert np.abs(f_box - q_box).max() < 4.0  # px: quantized features, float decoding
     assert json.loads(dict((p.key, p.value) for p in proto.metadata_props)["pcb_aoi_contract"])["outputs"] == "raw"
@@ -200,7 +201,7 @@ def test_int8_model_from_before_formats_is_accepted_with_an_unknown_accuracy_war
                                                                                    capsys, tmp_path):
     proto = onnx.load(str(int8_models["u8s8"][0]))
     for p in proto.metadata_props:  # the contract as the quantize stage wrote it before this change
-        if p.key == export.CONTRACT_KEY:
+        if p.key == CONTRACT_KEY:
             c = json.loads(p.value)
             del c["precision"], c["int8"]
             p.value = json.dumps(c)

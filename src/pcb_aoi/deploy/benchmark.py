@@ -24,12 +24,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..data.dataset import Dataset, atomic_dir, test_ids, write_json
 from ..edge import machine, runtime
+from ..edge.contract import GPU_PROVIDERS, MIN_SCORE, PROVIDERS
 from ..edge.preprocess import register_template
+from ..edge.runtime import ort_runner, ort_session
 from ..evaluation.evaluate import score
 from ..model import checkpoint
 from ..model.inference import Runner, decode, load_pair, prepare_input, stack_padded, torch_runner
 from ..pipeline.config import BenchmarkConfig
-from .export import ort_runner, ort_session
 
 
 def _percentiles(ms: list[float]) -> dict:
@@ -43,7 +44,7 @@ def torch_post(heat: np.ndarray, boxes: np.ndarray) -> None:
 
 def numpy_post(heat: np.ndarray, boxes: np.ndarray) -> None:
     """What the torch-free edge app runs after ONNX Runtime."""
-    runtime.decode(heat, boxes, 0.01)  # decode()'s default threshold, as the PyTorch variant
+    runtime.decode(heat, boxes, MIN_SCORE)  # the torch decode()'s default threshold, as the PyTorch variant
 
 
 def time_variant(runner: Runner, ds: Dataset, rows: list, use_template: bool, cfg: BenchmarkConfig,
@@ -77,11 +78,6 @@ def time_variant(runner: Runner, ds: Dataset, rows: list, use_template: bool, cf
     return {"ms_p50": round(lat["p50"], 3), "ms_p95": round(lat["p95"], 3), "ms_p99": round(lat["p99"], 3),
             "infer_ms_p50": round(inf["p50"], 3), "fps": round(1e3 / lat["p50"], 2),
             "batch_size": cfg.batch_size, "batch_fps": round(batch_fps, 2)}
-
-
-# Execution providers worth benchmarking for edge boxes, in onnxruntime's names.
-PROVIDERS = ("CPUExecutionProvider", "OpenVINOExecutionProvider", "CUDAExecutionProvider",
-             "TensorrtExecutionProvider")
 
 
 def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -131,14 +127,15 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
     rows = ds.rows(ids)
     x1 = torch.from_numpy(prepare_input(*load_pair(ds, rows[0]), use_template)[None])
     flops = gflops(model, x1)
-    providers = [p for p in PROVIDERS if p in ort.get_available_providers()]
+    available = [k for k, name in PROVIDERS.items() if name in ort.get_available_providers()]
+    providers = [PROVIDERS[k] for k in available]  # reported in onnxruntime's names
     runs = [("pytorch-eager-fp32", "torch-cpu", lambda: torch_runner(model), model_path)]
-    for provider in providers:  # sessions as the edge app runs them: threads sleep, not spin, between images
-        runs.append(("onnxruntime-fp32", provider,
-                     lambda p=provider: ort_runner(ort_session(onnx_path, threads, p, spin=False)), onnx_path))
+    for key in available:  # sessions as the edge app runs them: threads sleep, not spin, between images
+        runs.append(("onnxruntime-fp32", PROVIDERS[key],
+                     lambda k=key: ort_runner(ort_session(onnx_path, threads, k, spin=False)), onnx_path))
         if int8_path:
-            runs.append(("onnxruntime-int8", provider,
-                         lambda p=provider: ort_runner(ort_session(int8_path, threads, p, spin=False)), int8_path))
+            runs.append(("onnxruntime-int8", PROVIDERS[key],
+                         lambda k=key: ort_runner(ort_session(int8_path, threads, k, spin=False)), int8_path))
     variants = []
     for fmt, provider, make, path in runs:
         runner = make()
@@ -154,8 +151,8 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
         "threads": threads,
         "cpu": machine.cpu_model(),
         # Instruction sets decide speed (VNNI, AVX-512) and, for some INT8 formats, accuracy.
-        "machine": machine.describe(torch.cuda.get_device_name(0) if any(
-            p in providers for p in PROVIDERS[2:]) and torch.cuda.is_available() else None),
+        "machine": machine.describe(torch.cuda.get_device_name(0) if set(GPU_PROVIDERS) & set(available)
+                                    and torch.cuda.is_available() else None),
         "image_size": [int(rows[0].width), int(rows[0].height)],
         "providers": providers,
         "variants": variants,

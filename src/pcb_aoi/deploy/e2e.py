@@ -1,13 +1,15 @@
 """The detector plus its decoding (peaks, top-k, per-class NMS) as one exportable module.
 
 ``EndToEnd(model)`` returns final detections instead of raw maps, so an ONNX export of it gives the
-edge app boxes, scores and labels directly. It follows ``inference.decode`` step by step; NMS is
+edge app boxes, scores and labels directly. It follows ``model.inference.decode`` step by step (the
+constants of ``edge.contract``: TOP_K, NMS_IOU; detections above MIN_SCORE); NMS is
 the ONNX ``NonMaxSuppression`` operator (batched, per class), which torchvision's ``batched_nms``
 does not export to with a dynamic batch.
 
-Outputs, for a batch of B images with M detections in all (sorted by image, then score descending):
-``det_boxes`` (M, 4) x1 y1 x2 y2 input px, ``det_scores`` (M,), ``det_labels`` (M,) int64 class ids,
-``det_batch`` (M,) int64 image index, ``det_count`` (B,) int64 detections per image.
+Outputs (``edge.contract.E2E_OUTPUTS``), for a batch of B images with M detections in all (sorted by
+image, then score descending): ``det_boxes`` (M, 4) x1 y1 x2 y2 input px, ``det_scores`` (M,),
+``det_labels`` (M,) int64 class ids, ``det_batch`` (M,) int64 image index, ``det_count`` (B,) int64
+detections per image.
 """
 from __future__ import annotations
 
@@ -16,9 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms
 
-OUTPUTS = ["det_boxes", "det_scores", "det_labels", "det_batch", "det_count"]
-TOP_K, NMS_IOU = 100, 0.5  # the defaults of inference.decode
-MIN_SCORE = 0.01  # the graph keeps detections above this; callers filter at their operating point
+from ..edge.contract import MIN_SCORE, NMS_IOU, TOP_K
 
 
 class _NonMaxSuppression(torch.autograd.Function):

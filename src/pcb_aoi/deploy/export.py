@@ -19,36 +19,20 @@ import onnxruntime as ort
 import torch
 
 from ..data.dataset import Dataset, atomic_file
+from ..edge.contract import CONTRACT_FORMAT, CONTRACT_KEY, E2E_OUTPUTS, INPUT, MIN_SCORE, NMS_IOU, OUTPUTS, TOP_K
 from ..edge.preprocess import PAD_MULTIPLE, PAD_VALUES, prepare_input, stack_padded
+from ..edge.runtime import ort_session
 from ..model import checkpoint
 from ..model.inference import decode, load_pair
 from ..pipeline.config import ExportConfig
 from . import e2e
 
-INPUT, OUTPUTS = "input", ["heatmap", "boxes"]
-CONTRACT_KEY, CONTRACT_FORMAT = "pcb_aoi_contract", "pcb-aoi-onnx/1"
 PARITY_MIN_SCORE = 0.05
 BOX_TOLERANCE_PX = 0.5
 
 
 class ParityError(RuntimeError):
     pass
-
-
-def ort_session(path: str | Path, threads: int = 0, provider: str = "CPUExecutionProvider",
-                spin: bool = True) -> ort.InferenceSession:
-    """``spin=False`` as the edge app runs it: threads sleep between runs instead of busy-waiting."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), opts, providers=providers)
-
-
-def ort_runner(sess: ort.InferenceSession):
-    """A Runner (``inference.Runner``) over the raw-output ONNX model: (B, C, H, W) -> (heatmap, boxes)."""
-    return lambda x: tuple(sess.run(OUTPUTS, {INPUT: x}))
 
 
 def contract(ckpt: dict, score_threshold: float, end_to_end: bool) -> dict:
@@ -66,8 +50,8 @@ def contract(ckpt: dict, score_threshold: float, end_to_end: bool) -> dict:
         # > 0: move the template onto the test image first (preprocess.register_template, this search range)
         "register_max_px": int(spec.get("register_max_px", 0)),
         "outputs": "detections" if end_to_end else "raw",
-        "output_names": e2e.OUTPUTS if end_to_end else OUTPUTS,
-        "decode": {"top_k": e2e.TOP_K, "nms_iou": e2e.NMS_IOU, "min_score": e2e.MIN_SCORE},
+        "output_names": E2E_OUTPUTS if end_to_end else OUTPUTS,
+        "decode": {"top_k": TOP_K, "nms_iou": NMS_IOU, "min_score": MIN_SCORE},
         "score_threshold": score_threshold,  # default operating point (evaluate.score_threshold)
         "precision": "fp32",  # the quantize stage writes int8 and the INT8 format (pcb_aoi.int8) into its copy
         "model_config": ckpt["model_config"],
@@ -77,9 +61,9 @@ def contract(ckpt: dict, score_threshold: float, end_to_end: bool) -> dict:
 def export(model: torch.nn.Module, ckpt: dict, example: torch.Tensor, path: Path, opset: int,
            end_to_end: bool = False, score_threshold: float = 0.3) -> None:
     """Write ``model`` (raw maps) or ``EndToEnd(model)`` (final detections) to ``path`` with metadata."""
-    net, outputs = (e2e.EndToEnd(model), e2e.OUTPUTS) if end_to_end else (model, OUTPUTS)
+    net, outputs = (e2e.EndToEnd(model), E2E_OUTPUTS) if end_to_end else (model, OUTPUTS)
     if end_to_end:
-        axes = {o: {0: "detections"} for o in e2e.OUTPUTS[:-1]} | {"det_count": {0: "batch"}}
+        axes = {o: {0: "detections"} for o in E2E_OUTPUTS[:-1]} | {E2E_OUTPUTS[-1]: {0: "batch"}}
     else:
         axes = {o: {0: "batch", 2: "out_height", 3: "out_width"} for o in OUTPUTS}
     torch.onnx.export(
@@ -153,8 +137,8 @@ def split_detections(outputs: list[np.ndarray], min_score: float = 0.0) -> list[
 def parity_e2e(model: torch.nn.Module, sess: ort.InferenceSession, x: np.ndarray, atol: float) -> dict:
     """The end-to-end graph in ONNX Runtime against PyTorch + ``inference.decode`` on batch ``x``."""
     with torch.no_grad():
-        dt = decode(*model(torch.from_numpy(x)), score_threshold=PARITY_MIN_SCORE, top_k=e2e.TOP_K, nms_iou=e2e.NMS_IOU)
-    outputs = sess.run(e2e.OUTPUTS, {INPUT: x})
+        dt = decode(*model(torch.from_numpy(x)), score_threshold=PARITY_MIN_SCORE, top_k=TOP_K, nms_iou=NMS_IOU)
+    outputs = sess.run(E2E_OUTPUTS, {INPUT: x})
     do = split_detections(outputs, PARITY_MIN_SCORE)
     same, box, score = match_detections(dt, do)
     counts = [len(d["labels"]) for d in dt], [len(d["labels"]) for d in do]

@@ -25,11 +25,12 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 
 from ..data.dataset import Dataset, atomic_file, split_ids
 from ..edge import machine
+from ..edge.contract import CONTRACT_KEY, INPUT
 from ..edge.int8 import FORMATS, INT16_MAX, UINT8_MAX, Int8Format, verdict
+from ..edge.runtime import ort_runner, ort_session
 from ..evaluation.evaluate import score
 from ..model.inference import load_pair, prepare_input
 from ..pipeline.config import QuantizeConfig
-from .export import CONTRACT_KEY, INPUT, ort_runner, ort_session
 
 
 class AccuracyGateError(RuntimeError):

@@ -3,8 +3,11 @@ ONNX Runtime model and its numpy decoding, the INT8 formats and CPU checks, and 
 from .._lazy import exports
 
 EXPORTS = {
+    "CONTRACT_KEY": "contract", "CONTRACT_FORMAT": "contract", "INPUT": "contract", "OUTPUTS": "contract",
+    "E2E_OUTPUTS": "contract", "TOP_K": "contract", "NMS_IOU": "contract", "MIN_SCORE": "contract",
+    "PROVIDERS": "contract", "PROVIDER_OPTIONS": "contract",
     "EdgeModel": "runtime", "EdgeError": "runtime", "Detection": "runtime", "decode": "runtime",
-    "read_grey": "runtime", "read_pair": "runtime",
+    "read_grey": "runtime", "read_pair": "runtime", "ort_session": "runtime",
     "register_template": "preprocess", "PAD_MULTIPLE": "preprocess", "PAD_VALUES": "preprocess",
     "Cpu": "machine", "cpu": "machine", "FORMATS": "int8", "Int8Format": "int8", "verdict": "int8",
 }

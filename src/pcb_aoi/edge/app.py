@@ -49,7 +49,8 @@ from typing import Iterable, Iterator
 
 from PIL import Image, ImageDraw
 
-from .runtime import PROVIDERS, EdgeError, EdgeModel, read_grey, read_pair
+from .contract import PROVIDERS
+from .runtime import EdgeError, EdgeModel, read_grey, read_pair
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", "~")

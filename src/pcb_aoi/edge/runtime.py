@@ -1,7 +1,7 @@
 """Inference on the edge box: an exported model, numpy, ONNX Runtime and Pillow; no PyTorch.
 
 Reads the preprocessing contract the export stage stores in the ONNX metadata
-(``pcb_aoi_contract``) and reproduces ``pcb_aoi.inference`` exactly: grey uint8 images, channels
+(``pcb_aoi_contract``, names in ``contract.py``) and reproduces ``pcb_aoi.model.inference`` exactly: grey uint8 images, channels
 ``test/255, template/255, (test - template)/255``, padded bottom/right to a multiple of 32 with
 1.0 / 1.0 / 0.0. An end-to-end model (``model.e2e.onnx``) returns final detections; for a raw model
 (``model.onnx``, ``model.int8.onnx``) the decoding (sigmoid, 3x3 peaks, top-k, per-class NMS) runs
@@ -20,16 +20,12 @@ import numpy as np
 import onnxruntime as ort
 
 from . import int8, machine
+from .contract import (CONTRACT_FORMAT, CONTRACT_KEY, INPUT, NMS_IOU, OUTPUTS, PROVIDER_OPTIONS, PROVIDERS,
+                       TOP_K)
 from .preprocess import PAD_VALUES, register_template
 from .preprocess import prepare_input as _prepare
 from .preprocess import read_grey as _read_grey
 from .preprocess import read_pair as _read_pair
-
-CONTRACT_KEY, CONTRACT_FORMAT = "pcb_aoi_contract", "pcb-aoi-onnx/1"
-
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "openvino": "OpenVINOExecutionProvider",
-             "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
 class EdgeError(ValueError):
@@ -99,8 +95,8 @@ def _max_pool3(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def decode(heatmap: np.ndarray, boxes: np.ndarray, score_threshold: float, top_k: int = 100,
-           nms_iou: float = 0.5) -> list[dict[str, np.ndarray]]:
+def decode(heatmap: np.ndarray, boxes: np.ndarray, score_threshold: float, top_k: int = TOP_K,
+           nms_iou: float = NMS_IOU) -> list[dict[str, np.ndarray]]:
     """Raw outputs (B, K, h, w) logits and (B, 4, h, w) boxes -> per image {boxes, scores, labels}.
 
     The same detections as ``inference.decode``: sigmoid, 3x3 local maxima, top-k, per-class NMS.
@@ -120,6 +116,30 @@ def decode(heatmap: np.ndarray, boxes: np.ndarray, score_threshold: float, top_k
         kept = _nms(bx, sc, kk, nms_iou)
         out.append({"boxes": bx[kept], "scores": sc[kept], "labels": kk[kept].astype(np.int64)})
     return out
+
+
+def ort_session(path: str | Path, threads: int = 0, provider: str = "cpu", spin: bool = True,
+                quiet: bool = False) -> ort.InferenceSession:
+    """An ONNX Runtime session over the model file ``path`` on ``provider`` (a key of ``contract.PROVIDERS``,
+    with its ``PROVIDER_OPTIONS``), the CPU taking the operators another provider lacks.
+
+    ``threads``: intra-op threads, 0 = all cores. ``spin=False`` as the edge app runs it: threads sleep
+    between runs instead of busy-waiting. ``quiet``: only errors in ONNX Runtime's log.
+    """
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    if quiet:
+        opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    first = (PROVIDERS[provider], PROVIDER_OPTIONS[provider]) if provider in PROVIDER_OPTIONS else PROVIDERS[provider]
+    providers = [first] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def ort_runner(sess: ort.InferenceSession):
+    """A Runner (``model.inference.Runner``) over a raw-output model: (B, C, H, W) -> (heatmap, boxes)."""
+    return lambda x: tuple(sess.run(OUTPUTS, {INPUT: x}))
 
 
 @dataclass
@@ -147,14 +167,8 @@ class EdgeModel:
             raise EdgeError(f"execution provider {provider!r} is not available in this onnxruntime (available: "
                             f"{', '.join(have)}); e.g. pip install onnxruntime-openvino (instead of onnxruntime) "
                             "for openvino, onnxruntime-gpu for cuda/tensorrt")
-        providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        if not spin:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+            self.session = ort_session(path, threads, provider, spin, quiet=True)
         except Exception as e:
             raise EdgeError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map

@@ -1,8 +1,8 @@
 """Pre- and post-processing shared by training, evaluation, export and benchmarking.
 
-The input contract (stored in the checkpoint and, later, in ONNX metadata) lives in ``preprocess.py``
-(numpy and Pillow, no torch: shared with the edge app); this module adds loading, torch decoding and
-prediction.
+The input contract (stored in the checkpoint and, later, in ONNX metadata) lives in ``edge.preprocess``
+and the decoding constants in ``edge.contract`` (no torch: shared with the edge app); this module adds
+loading, torch decoding and prediction.
 """
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from ..data.dataset import Dataset
+from ..edge.contract import MIN_SCORE, NMS_IOU, TOP_K
 from ..edge.preprocess import prepare_input, read_pair, stack_padded
+
 
 def load_pair(ds: Dataset, row) -> tuple[np.ndarray, np.ndarray | None]:
     return read_pair(ds.root / row.path, ds.root / row.template_path if row.template_path else None)
 
 
 @torch.no_grad()
-def decode(heatmap: torch.Tensor, boxes: torch.Tensor, score_threshold: float = 0.01, top_k: int = 100,
-           nms_iou: float = 0.5) -> list[dict[str, torch.Tensor]]:
+def decode(heatmap: torch.Tensor, boxes: torch.Tensor, score_threshold: float = MIN_SCORE, top_k: int = TOP_K,
+           nms_iou: float = NMS_IOU) -> list[dict[str, torch.Tensor]]:
     """Model outputs -> per image {boxes (N, 4) xyxy px, scores (N,), labels (N,)}.
 
     heatmap: (B, K, h, w) logits; boxes: (B, 4, h, w). A detection is a 3x3 local maximum of the
@@ -60,7 +62,7 @@ def torch_runner(model: torch.nn.Module, device: torch.device | str = "cpu") -> 
 
 
 def predict(runner: Runner, ds: Dataset, image_ids: Iterable[str], use_template: bool, batch_size: int = 8,
-            score_threshold: float = 0.01) -> dict[str, dict[str, np.ndarray]]:
+            score_threshold: float = MIN_SCORE) -> dict[str, dict[str, np.ndarray]]:
     """Run ``runner`` over images of ``ds``; boxes are clipped to each image."""
     rows = ds.rows(image_ids)
     results = {}
