@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import pcb_aoi
 from pcb_aoi.data.dataset import Dataset
 from pcb_aoi.deploy import export
 from pcb_aoi.edge import app, runtime
@@ -103,7 +104,13 @@ def test_end_to_end_parity_gate_passes_and_fails(models):
 
 ALLOWED = {"numpy", "onnxruntime", "PIL", "pcb_aoi"}
 CHECK_IMPORTS = """
-import sys
+import importlib, pkgutil, sys
+import pcb_aoi, pcb_aoi.edge
+for m in pkgutil.iter_modules(pcb_aoi.edge.__path__, 'pcb_aoi.edge.'):  # every module of the edge package
+    importlib.import_module(m.name)
+for name in pcb_aoi.edge.__all__:  # and every name it exports, and the top-level API's edge part
+    getattr(pcb_aoi.edge, name)
+pcb_aoi.load_model, pcb_aoi.detect
 from pcb_aoi.edge.app import main
 rc = main(sys.argv[1:])
 extra = sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {ALLOWED} - {'__main__', '_distutils_hack'})
@@ -207,6 +214,20 @@ def test_cli_converts_rgb_pads_odd_sizes_and_refuses_mismatched_templates(models
     assert all(d.box[2] <= 90 and d.box[3] <= 100 for d in expected)  # clipped to the image
     r = detect(no_torch_env, "--model", raw, tmp_path / "rgb_test.png", "--template", tmp_path / "small.png")
     assert r.returncode == 1 and "template is 64x64 px, image 90x100 px" in r.stdout
+    # The Python API: files or arrays, the same detections as the app's model.
+    api = pcb_aoi.detect(pcb_aoi.load_model(raw), tmp_path / "rgb_test.png", tmp_path / "rgb_temp.png")
+    assert [d.to_dict() for d in api] == [d.to_dict() for d in expected]
+
+
+def test_packages_import_lazily_without_torch(no_torch_env):
+    """Each sub-package exports its names lazily: importing one (and pcb_aoi) needs no torch or pandas."""
+    code = ("import pcb_aoi, sys; [__import__(f'pcb_aoi.{p}') for p in "
+            "('data', 'model', 'evaluation', 'deploy', 'remote', 'pipeline', 'edge')]; "
+            "print(pcb_aoi.__version__, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', "
+            "'onnxruntime')))")
+    r = subprocess.run([sys.executable, "-c", code], env=no_torch_env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[1:] == ["[]"] and r.stdout.split()[0] != ""
 
 
 def test_cli_refuses_a_file_that_is_not_our_onnx(no_torch_env, tmp_path):

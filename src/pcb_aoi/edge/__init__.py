@@ -7,9 +7,11 @@ EXPORTS = {
     "E2E_OUTPUTS": "contract", "TOP_K": "contract", "NMS_IOU": "contract", "MIN_SCORE": "contract",
     "PROVIDERS": "contract", "PROVIDER_OPTIONS": "contract",
     "EdgeModel": "runtime", "EdgeError": "runtime", "Detection": "runtime", "decode": "runtime",
-    "read_grey": "runtime", "read_pair": "runtime", "ort_session": "runtime",
+    "read_grey": "runtime", "read_pair": "runtime", "ort_session": "runtime", "load_model": "runtime",
+    "detect": "runtime",
     "register_template": "preprocess", "PAD_MULTIPLE": "preprocess", "PAD_VALUES": "preprocess",
     "Cpu": "machine", "cpu": "machine", "FORMATS": "int8", "Int8Format": "int8", "verdict": "int8",
+    "Inspector": "app",
 }
 __all__ = sorted(EXPORTS)
 __getattr__, __dir__ = exports(__name__, EXPORTS)

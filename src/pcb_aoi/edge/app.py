@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -57,8 +58,22 @@ PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", "~"
 JOURNAL = "results.jsonl"
 
 
-def log(msg: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)  # the app's lines on stderr, "HH:MM:SS message" (setup_logging)
+image_log = log.getChild("images")  # one line per image inspected; --quiet silences it
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """The app's log lines go to the current stderr as ``HH:MM:SS message``; ``quiet``: no line per image."""
+    handler = next((h for h in log.handlers if getattr(h, "pcb_aoi_app", False)), None)
+    if handler is None:  # once per process: main() may run again (tests), with another sys.stderr
+        handler = logging.StreamHandler()
+        handler.pcb_aoi_app = True
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
+    handler.stream = sys.stderr  # not setStream: it flushes the old one, which may be closed
+    log.setLevel(logging.INFO)
+    image_log.setLevel(logging.WARNING if quiet else logging.NOTSET)
 
 
 def is_template_name(path: Path) -> bool:
@@ -107,8 +122,11 @@ def write_overlay(image: Path, detections: list, out_dir: Path) -> None:
     os.replace(tmp, out_dir / f"{image.stem}.overlay.png")
 
 
-class Detector:
-    """The model plus how to find templates and where overlays go; ``process_all`` -> one JSON record per image."""
+class Inspector:
+    """The model plus how to find templates and where overlays go; ``process_all`` -> one JSON record per image.
+
+    (``Detector`` is the network, ``pcb_aoi.model.network``; this is the app's inspection loop around an
+    exported one.)"""
 
     def __init__(self, model: EdgeModel, args: argparse.Namespace):
         self.model, self.args = model, args
@@ -161,16 +179,15 @@ class Detector:
             if self.args.overlay_dir:
                 write_overlay(image, dets, self.args.overlay_dir)
         except EdgeError as e:
-            log(f"error: {e}")
+            log.error("error: %s", e)
             return {"file": str(image), "status": "error", "error": str(e)}
         ms = (time.perf_counter() - t0) * 1e3
-        if not getattr(self.args, "quiet", False):
-            log(f"ok {image.name}: {len(dets)} defect(s) ({ms:.1f} ms)")
+        image_log.info("ok %s: %d defect(s) (%.1f ms)", image.name, len(dets), ms)
         return {"file": str(image), "status": "ok", "detections": [d.to_dict() for d in dets], "ms": round(ms, 2)}
 
 
-def run_files(det: Detector, images: list[Path], out: Path | None) -> int:
-    records = list(det.process_all(images))
+def run_files(inspector: Inspector, images: list[Path], out: Path | None) -> int:
+    records = list(inspector.process_all(images))
     lines = "".join(json.dumps(r) + "\n" for r in records)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +196,7 @@ def run_files(det: Detector, images: list[Path], out: Path | None) -> int:
         sys.stdout.write(lines)
     failed = sum(r["status"] != "ok" for r in records)
     if failed:
-        log(f"{failed} of {len(records)} image(s) failed")
+        log.error("%d of %d image(s) failed", failed, len(records))
     return 1 if failed else 0
 
 
@@ -217,7 +234,7 @@ def candidates(in_dir: Path) -> list[Path]:
     return out
 
 
-def watch(det: Detector, in_dir: Path, out_dir: Path, args: argparse.Namespace) -> int:
+def watch(inspector: Inspector, in_dir: Path, out_dir: Path, args: argparse.Namespace) -> int:
     if not in_dir.is_dir():
         raise EdgeError(f"{in_dir}: watch folder not found")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,12 +242,12 @@ def watch(det: Detector, in_dir: Path, out_dir: Path, args: argparse.Namespace) 
     stop = threading.Event()
 
     def on_signal(signum, _frame):
-        log(f"{signal.Signals(signum).name}: stopping after the current image")
+        log.info("%s: stopping after the current image", signal.Signals(signum).name)
         stop.set()
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
-    log(f"watching {in_dir} -> {out_dir} ({len(journal.done)} image(s) already done)")
+    log.info("watching %s -> %s (%d image(s) already done)", in_dir, out_dir, len(journal.done))
     seen: dict[str, tuple] = {}  # name -> (size, mtime_ns) at the last poll
     waiting: dict[str, float] = {}  # name -> when it started waiting for its template
     processed = 0
@@ -247,19 +264,19 @@ def watch(det: Detector, in_dir: Path, out_dir: Path, args: argparse.Namespace) 
             seen[p.name] = sig
             if sig != prev or now - st.st_mtime < args.settle:
                 continue  # still being written (or just arrived): look again next poll
-            if det.model.needs_template and not args.template and not args.template_dir:
+            if inspector.model.needs_template and not args.template and not args.template_dir:
                 tpl = find_template(p, None, None)
                 if tpl is not None and not tpl.is_file() and now - waiting.setdefault(p.name, now) < args.template_wait:
                     continue  # the pair's template may still be on its way
             ready.append(p)
-        for p, record in zip(ready, det.process_all(ready)):
+        for p, record in zip(ready, inspector.process_all(ready)):
             write_atomic(out_dir / f"{p.name}.json", (json.dumps(record, indent=1) + "\n").encode())
             journal.add(record)  # after the result file: a crash in between redoes the image, never loses it
             processed += 1
             if stop.is_set():
                 break  # the image read ahead is not journaled: the next run does it
         stop.wait(args.poll)
-    log(f"stopped; {processed} image(s) processed in this run")
+    log.info("stopped; %d image(s) processed in this run", processed)
     return 0
 
 
@@ -308,6 +325,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging(args.quiet)
     try:
         model = EdgeModel(args.model, threads=args.threads, provider=args.provider, spin=args.spin == "on")
         if args.info:
@@ -315,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         status, why = model.cpu_verdict()
         if status != "exact":
-            log(f"warning: {args.model}: {why}")
-        det = Detector(model, args)
+            log.warning("warning: %s: %s", args.model, why)
+        inspector = Inspector(model, args)
         if args.watch:
-            return watch(det, args.watch, args.out_dir, args)
-        return run_files(det, args.images, args.out)
+            return watch(inspector, args.watch, args.out_dir, args)
+        return run_files(inspector, args.images, args.out)
     except EdgeError as e:
         print(f"error: pcb-aoi-detect: {e}", file=sys.stderr)
         return 2

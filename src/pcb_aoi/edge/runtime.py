@@ -243,3 +243,21 @@ class EdgeModel:
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
         return [Detection(self.classes[int(c)], float(s), [float(v) for v in b]) for b, s, c in zip(boxes, scores, labels)]
+
+
+def load_model(path: str | Path, **kw) -> EdgeModel:
+    """An exported model (``model.e2e.onnx``, ``model.onnx`` or ``model.int8.onnx``) with its contract;
+    ``kw``: ``EdgeModel``'s ``threads``, ``provider`` (a key of ``contract.PROVIDERS``) and ``spin``."""
+    return EdgeModel(path, **kw)
+
+
+def detect(model: EdgeModel, test: np.ndarray | str | Path, template: np.ndarray | str | Path | None = None,
+           score_threshold: float | None = None) -> list[Detection]:
+    """Defects on one board: ``test`` (and its defect-free ``template``) as (H, W) uint8 grey arrays or image
+    files; detections above ``score_threshold`` (default: the model's, ``evaluate.score_threshold``)."""
+    name = str(test) if isinstance(test, (str, Path)) else "image"
+    if isinstance(test, (str, Path)):
+        test = read_grey(test)
+    if isinstance(template, (str, Path)):
+        template = read_grey(template)
+    return model.detect(test, template, score_threshold, name=name)
