@@ -5,7 +5,7 @@ import torch
 from pcb_aoi.data.dataset import Dataset
 from pcb_aoi.deploy import export
 from pcb_aoi.edge import runtime
-from pcb_aoi.model import checkpoint, training as train
+from pcb_aoi.model import checkpoint, crops
 from pcb_aoi.model.inference import decode, load_pair, prepare_input
 from pcb_aoi.model.loss import box_loss, build_targets, focal_loss
 from pcb_aoi.model.network import Detector, DetectorConfig
@@ -14,8 +14,8 @@ from pcb_aoi.pipeline.config import CLASSES, ExportConfig
 
 def _batch(tiny_pipeline, n=4):
     d, p = tiny_pipeline
-    data = train.PairDataset(Dataset.load(d / "augmented"), CLASSES, True, crop=64, seed=0)
-    return train.collate([data[i] for i in range(n)])
+    data = crops.PairDataset(Dataset.load(d / "augmented"), CLASSES, True, crop=64, seed=0)
+    return crops.collate([data[i] for i in range(n)])
 
 
 def test_targets_peak_at_box_centres():
