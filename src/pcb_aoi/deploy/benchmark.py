@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -114,39 +115,40 @@ def du_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20, 1)
 
 
-def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, clean_dir: str | Path,
-        split_dir: str | Path, out: str | Path, int8_path: str | Path | None = None,
-        train_report: str | Path | None = None, train_cfg=None, data_dirs: tuple = (),
+@dataclass(frozen=True)
+class Inputs:
+    """The files the benchmark measures and reports on (the stage's options, ``src/stages/benchmark.py``)."""
+
+    model: str | Path  # checkpoint written by train
+    onnx: str | Path  # FP32 ONNX model (raw outputs) written by export_onnx
+    clean: str | Path  # clean dataset folder: the test images
+    split: str | Path  # folder holding split.parquet
+    int8: str | Path | None = None  # INT8 model written by quantize, benchmarked too when given
+    train_report: str | Path | None = None  # train's summary (seconds per epoch, peak memory) for compute sizing
+    data: tuple[str | Path, ...] = ()  # dataset folders whose size on disk to report
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """The training step whose memory the compute sizing measures (``train.batch_size``, ``train.crop_size``)."""
+
+    batch_size: int
+    crop_size: int  # 0 = full images, measured at 640 px
+
+
+def run(cfg: BenchmarkConfig, inputs: Inputs, out: str | Path, *, train_step: TrainStep | None = None,
         plots_dir: str | Path | None = None) -> dict:
+    """Measure every variant, write the report to ``out`` (and the latency-vs-mAP plot data to ``plots_dir``)."""
     threads = cfg.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    model, ckpt = checkpoint.load(model_path)
-    classes, use_template = tuple(ckpt["classes"]), ckpt["input_spec"]["use_template"]
-    ds = Dataset.load(clean_dir)
-    ids = test_ids(split_dir)
+    model, ckpt = checkpoint.load(inputs.model)
+    ds = Dataset.load(inputs.clean)
+    ids = test_ids(inputs.split)
     rows = ds.rows(ids)
-    x1 = torch.from_numpy(prepare_input(*load_pair(ds, rows[0]), use_template)[None])
-    flops = gflops(model, x1)
     available = [k for k, name in PROVIDERS.items() if name in ort.get_available_providers()]
-    providers = [PROVIDERS[k] for k in available]  # reported in onnxruntime's names
-    runs = [("pytorch-eager-fp32", "torch-cpu", lambda: torch_runner(model), model_path)]
-    for key in available:  # sessions as the edge app runs them: threads sleep, not spin, between images
-        runs.append(("onnxruntime-fp32", PROVIDERS[key],
-                     lambda k=key: ort_runner(ort_session(onnx_path, threads, k, spin=False)), onnx_path))
-        if int8_path:
-            runs.append(("onnxruntime-int8", PROVIDERS[key],
-                         lambda k=key: ort_runner(ort_session(int8_path, threads, k, spin=False)), int8_path))
-    variants = []
-    for fmt, provider, make, path in runs:
-        runner = make()
-        metrics, _ = score(runner, ds, ids, classes, use_template, 0.5)
-        post = torch_post if fmt.startswith("pytorch") else numpy_post
-        timing = time_variant(runner, ds, rows, use_template, cfg, post, ckpt["input_spec"].get("register_max_px", 0))
-        variants.append({"format": fmt, "provider": provider, "size_mb": round(Path(path).stat().st_size / 2**20, 3),
-                         **timing, "map50": metrics["map50"], "map": metrics["map"], "threads": threads,
-                         "gflops": round(flops, 3), "gflops_per_s": round(flops / (timing["infer_ms_p50"] / 1e3), 2)})
+    variants = measure_variants(cfg, inputs, model, ckpt, ds, ids, rows, available, threads)
     by = {(v["format"], v["provider"]): v for v in variants}
-    cpu = "CPUExecutionProvider"
+    cpu = PROVIDERS["cpu"]
     report = {
         "threads": threads,
         "cpu": machine.cpu_model(),
@@ -154,18 +156,18 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
         "machine": machine.describe(torch.cuda.get_device_name(0) if set(GPU_PROVIDERS) & set(available)
                                     and torch.cuda.is_available() else None),
         "image_size": [int(rows[0].width), int(rows[0].height)],
-        "providers": providers,
+        "providers": [PROVIDERS[k] for k in available],  # in onnxruntime's names
         "variants": variants,
         "ort_vs_torch_speedup": round(by["pytorch-eager-fp32", "torch-cpu"]["ms_p50"]
                                       / by["onnxruntime-fp32", cpu]["ms_p50"], 3),
     }
-    if int8_path:
-        m = runtime.EdgeModel(int8_path)
+    if inputs.int8:
+        m = runtime.EdgeModel(inputs.int8)
         report["int8_format"] = (m.contract.get("int8") or {}).get("format")
         report["int8_on_this_cpu"] = m.cpu_verdict()[0]  # exact | saturates | unknown
         report["int8_vs_fp32_speedup"] = round(by["onnxruntime-fp32", cpu]["ms_p50"]
                                                / by["onnxruntime-int8", cpu]["ms_p50"], 3)
-    report["compute"] = sizing(model, ckpt, train_report, train_cfg, data_dirs)
+    report["compute"] = sizing(model, ckpt, inputs, train_step)
     if plots_dir:
         with atomic_dir(plots_dir) as tmp:  # latency vs accuracy, one point per variant
             lines = ["variant,ms_p50,map50"] + [f"{v['format']}@{v['provider']},{v['ms_p50']},{v['map50']}"
@@ -175,17 +177,45 @@ def run(cfg: BenchmarkConfig, model_path: str | Path, onnx_path: str | Path, cle
     return report
 
 
-def sizing(model, ckpt: dict, train_report, train_cfg, data_dirs: tuple) -> dict:
+def measure_variants(cfg: BenchmarkConfig, inputs: Inputs, model: torch.nn.Module, ckpt: dict, ds: Dataset,
+                     ids: list[str], rows: list, providers: list[str], threads: int) -> list[dict]:
+    """One result per variant: PyTorch eager, then ONNX Runtime FP32 (and INT8) on each of ``providers``
+    (keys of ``edge.contract.PROVIDERS``): size, latency, throughput, accuracy and GFLOP/s."""
+    classes, use_template = tuple(ckpt["classes"]), ckpt["input_spec"]["use_template"]
+    x1 = torch.from_numpy(prepare_input(*load_pair(ds, rows[0]), use_template)[None])
+    flops = gflops(model, x1)
+    runs = [("pytorch-eager-fp32", "torch-cpu", lambda: torch_runner(model), inputs.model)]
+    for key in providers:  # sessions as the edge app runs them: threads sleep, not spin, between images
+        runs.append(("onnxruntime-fp32", PROVIDERS[key],
+                     lambda k=key: ort_runner(ort_session(inputs.onnx, threads, k, spin=False)), inputs.onnx))
+        if inputs.int8:
+            runs.append(("onnxruntime-int8", PROVIDERS[key],
+                         lambda k=key: ort_runner(ort_session(inputs.int8, threads, k, spin=False)), inputs.int8))
+    variants = []
+    for fmt, provider, make, path in runs:
+        runner = make()
+        metrics, _ = score(runner, ds, ids, classes, use_template, 0.5)
+        post = torch_post if fmt.startswith("pytorch") else numpy_post
+        timing = time_variant(runner, ds, rows, use_template, cfg, post, ckpt["input_spec"].get("register_max_px", 0))
+        variants.append({"format": fmt, "provider": provider, "size_mb": round(Path(path).stat().st_size / 2**20, 3),
+                         **timing, "map50": metrics["map50"], "map": metrics["map"], "threads": threads,
+                         "gflops": round(flops, 3), "gflops_per_s": round(flops / (timing["infer_ms_p50"] / 1e3), 2)})
+    return variants
+
+
+def sizing(model: torch.nn.Module, ckpt: dict, inputs: Inputs, train_step: TrainStep | None) -> dict:
     """What a user needs to pick an AzureML compute size."""
     out = {"parameters": sum(p.numel() for p in model.parameters())}
-    if train_cfg is not None:
-        crop = train_cfg.crop_size or 640
-        out["train_step_memory"] = train_memory_mb(model, train_cfg.batch_size, crop,
+    if train_step is not None:
+        crop = train_step.crop_size or 640
+        out["train_step_memory"] = train_memory_mb(model, train_step.batch_size, crop,
                                                    ckpt["model_config"]["in_channels"])
+    train_report = inputs.train_report
     if train_report and Path(train_report).is_file():
         t = json.loads(Path(train_report).read_text())
         out.update({k: t.get(k) for k in ("seconds_per_epoch", "epochs", "peak_rss_mb", "train_images", "device",
                                           "threads")})
-        out["measured_on"] = f"{t.get('cpu_count')} cores of {t.get('cpu', 'an unknown CPU')}" if t.get("device", "cpu") == "cpu" else t.get("device")
-    out["dataset_mb"] = {Path(d).name: du_mb(d) for d in data_dirs}
+        cpu = f"{t.get('cpu_count')} cores of {t.get('cpu', 'an unknown CPU')}"
+        out["measured_on"] = cpu if t.get("device", "cpu") == "cpu" else t.get("device")
+    out["dataset_mb"] = {Path(d).name: du_mb(d) for d in inputs.data}
     return out
