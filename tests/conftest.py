@@ -64,6 +64,11 @@ def copy_project(dst: Path) -> None:
     shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
 
 
+def copy_plot_templates(dst: Path) -> None:
+    """The project's custom plot templates (.dvc/plots), into a repository after its `dvc init`."""
+    shutil.copytree(ROOT / ".dvc/plots", dst / ".dvc/plots")
+
+
 AZURITE = ROOT / "node_modules" / ".bin" / "azurite-blob"
 DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 

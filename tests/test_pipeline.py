@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import TINY, copy_project, merge, write_params
+from conftest import TINY, copy_plot_templates, copy_project, merge, write_params
 
 TINY_CLASSES = ["open", "short", "mousebite", "spur", "copper", "pin-hole"]
 STAGES = ["ingest", "etl", "split", "augment", "train", "evaluate", "export_onnx", "quantize", "benchmark"]
@@ -38,6 +38,7 @@ def repo(tmp_path_factory):
     sh(repo, "git", "config", "user.email", "t@example.com")
     sh(repo, "git", "config", "user.name", "test")
     sh(repo, "dvc", "init", "-q")
+    copy_plot_templates(repo)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "tiny pipeline")
     out = sh(repo, "dvc", "repro").stdout
@@ -68,7 +69,9 @@ def test_repro_writes_every_report(repo):
     assert export["same_detections"] is True and export["end_to_end"]["same_detections"] is True
     quant = json.loads((repo / "reports/quantize.json").read_text())
     assert quant["map50_drop"] <= quant["max_map50_drop"] and (repo / "models/model.int8.onnx").is_file()
-    assert (repo / "reports/plots/confusion.csv").is_file() and (repo / "reports/plots/pr/open.csv").is_file()
+    assert (repo / "reports/plots/confusion.csv").is_file()
+    pr = (repo / "reports/plots/pr.csv").read_text().splitlines()
+    assert pr[0] == "class,recall,precision" and {row.split(",")[0] for row in pr[1:]} <= set(TINY_CLASSES)
     assert (repo / "reports/live/plots/metrics/val/map50.tsv").is_file()
 
 
@@ -82,6 +85,8 @@ def test_dvc_plots_render(repo):
     html = (repo / "plots_html/index.html").read_text()
     assert "Precision-recall" in html and "Confusion matrix" in html and "Validation mAP" in html
     assert "Latency vs accuracy" in html
+    # The PR plot draws one curve per class found in pr.csv: no list of classes in dvc.yaml.
+    assert '"color": {"field": "class"' in html and '"class": "open"' in html
 
 
 def test_deps_are_complete(repo):

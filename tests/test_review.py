@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import TINY, copy_project, write_params
+from conftest import TINY, copy_plot_templates, copy_project, write_params
 from pcb_aoi.evaluation.overlays import HEADER, scale_of
 from pcb_aoi.evaluation.review import HEADLINE
 
@@ -40,9 +40,12 @@ def repo(tmp_path_factory):
     copy_project(repo)
     write_params(repo / "params.yaml", TINY)
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
-                ["git", "config", "user.name", "test"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "project, not run yet"], ["git", "tag", "unrun"], ["dvc", "repro"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "base: tiny run"], ["git", "tag", "base"]):
+                ["git", "config", "user.name", "test"], ["dvc", "init", "-q"]):
+        sh(repo, *cmd)
+    copy_plot_templates(repo)
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "project, not run yet"], ["git", "tag", "unrun"],
+                ["dvc", "repro"], ["git", "add", "-A"], ["git", "commit", "-qm", "base: tiny run"],
+                ["git", "tag", "base"]):
         sh(repo, *cmd)
     (repo / "notes.txt").write_text("an untracked file the stages do not need\n")
     sh(repo, "dvc", "exp", "run", "--temp", "-n", "variant", *VARIANT)

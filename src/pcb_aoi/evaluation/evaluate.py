@@ -1,8 +1,8 @@
 """evaluate: score the trained model on the test split (boards never seen in training).
 
 Writes the metrics (COCO mAP, mAP@0.5, mAP@0.33 = DeepPCB's protocol, per-class AP50 and recall
-at the operating threshold, escape rate) and DVC plots: precision-recall curves per class, a
-confusion matrix (``background`` = missed defect / false alarm) and overlay pictures of true and
+at the operating threshold, escape rate) and DVC plots: precision-recall curves per class (``pr.csv``,
+long format: class, recall, precision), a confusion matrix (``background`` = missed defect / false alarm) and overlay pictures of true and
 predicted defects (``overlays``).
 """
 from __future__ import annotations
@@ -60,9 +60,9 @@ def run(cfg: EvaluateConfig, model_path: str | Path, clean_dir: str | Path, spli
     with atomic_dir(plots_dir) as tmp:
         overlays.write(tmp / "overlays", ds, ids, plots["gt"], plots["preds"], classes, cfg.score_threshold,
                        cfg.overlay_samples, cfg.overlay_worst)
-        (tmp / "pr").mkdir()
-        for c, rows in plots["pr"].items():
-            pd.DataFrame(rows, columns=["recall", "precision"]).to_csv(tmp / "pr" / f"{c}.csv", index=False)
+        # One long table, a row per (class, recall point): dvc.yaml declares one plot, a curve per class.
+        pr = [{"class": c, **point} for c, points in plots["pr"].items() for point in points]
+        pd.DataFrame(pr, columns=["class", "recall", "precision"]).to_csv(tmp / "pr.csv", index=False)
         pd.DataFrame(plots["confusion"], columns=["actual", "predicted"]).to_csv(tmp / "confusion.csv", index=False)
     write_json(metrics_out, metrics)
     return metrics
