@@ -89,15 +89,34 @@ def test_dvc_plots_render(repo):
     assert '"color": {"field": "class"' in html and '"class": "open"' in html
 
 
+def edited(repo, path: str) -> set[str]:
+    """The stages `dvc status` reports changed while ``path`` holds an edit (restored after)."""
+    lib = repo / path
+    original = lib.read_text()
+    lib.write_text(original + "\n# edited\n")
+    try:
+        return changed(repo)
+    finally:
+        lib.write_text(original)
+
+
 def test_deps_are_complete(repo):
     set_params(repo, {"seed": 1})
     assert changed(repo) == {"ingest", "split", "augment", "train"}  # every stage using the seed
     set_params(repo, {})
-    lib = repo / "src/pcb_aoi/model/loss.py"
-    original = lib.read_text()
-    lib.write_text(original + "\n# edited\n")
-    assert changed(repo) == {"train"}  # and, through models/model.pt, what follows it
-    lib.write_text(original)
+    assert edited(repo, "src/pcb_aoi/model/loss.py") == {"train"}  # and, through models/model.pt, what follows
+    assert changed(repo) == set()
+
+
+def test_an_edit_to_the_preprocessing_reruns_the_data_stages_that_use_it(repo):
+    """etl registers and decodes with edge/preprocess.py (as the edge app does): an edit to it must make
+    data/clean stale, not only the model stages."""
+    assert edited(repo, "src/pcb_aoi/edge/preprocess.py") == {
+        "etl", "augment", "train", "evaluate", "export_onnx", "quantize", "benchmark"}
+
+
+def test_an_edit_to_the_benchmark_reruns_only_the_benchmark(repo):
+    assert edited(repo, "src/pcb_aoi/deploy/benchmark.py") == {"benchmark"}
     assert changed(repo) == set()
 
 

@@ -4,7 +4,7 @@ from .._lazy import exports
 
 EXPORTS = {
     "Params": "config", "ConfigError": "config", "load_params": "config", "CLASSES": "config",
-    "run_stage": "cli",
+    "run_stage": "cli", "stage_deps": "deps",
 }
 __all__ = sorted(EXPORTS)
 __getattr__, __dir__ = exports(__name__, EXPORTS)
