@@ -112,3 +112,16 @@ def test_remote_credentials_from_the_environment(azurite, tmp_path):
         (dst / name).write_text((src / name).read_text())
     sh(dst, "dvc", "pull", "-q")
     assert (dst / "model.bin").read_bytes() == b"weights" * 1000
+
+
+def test_test_workflow_runs_make_test_on_push_and_pull_request():
+    """test.yml runs the README's test command, as .ci/run does, with the Python the project supports."""
+    wf = yaml.safe_load((ROOT / ".github/workflows/test.yml").read_text())
+    on = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` key as True
+    assert {"push", "pull_request"} <= set(on)
+    job = wf["jobs"]["test"]
+    assert job["runs-on"] == "ubuntu-latest"
+    python = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/setup-python@"))
+    assert str(python["with"]["python-version"]) == "3.11"
+    runs = [line.strip() for s in job["steps"] for line in s.get("run", "").splitlines()]
+    assert "make test" in runs and "make test" in (ROOT / ".ci/run").read_text()
