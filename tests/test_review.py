@@ -12,11 +12,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import TINY, copy_plot_templates, copy_project, write_params
+from conftest import TINY, copy_plot_templates, copy_project, merge, write_params
 from pcb_aoi.evaluation.overlays import HEADER, scale_of
 from pcb_aoi.evaluation.review import HEADLINE
 
 VARIANT = ["-S", "train.epochs=8", "-S", "train.lr=0.01", "-S", "evaluate.score_threshold=0.1"]
+# The INT8 gate is not what these tests review: on 3 tiny test images one box moves mAP@0.5 by more than
+# the default 0.005 (the variant's u8s7 model drops 0.0057 on an AVX-512 EPYC), so both revisions allow more.
+GATE = {"quantize": {"max_map50_drop": 0.05}}
 
 
 def sh(repo, *cmd, check=True):
@@ -38,7 +41,7 @@ def show(repo, rev, path) -> bytes:
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("review")
     copy_project(repo)
-    write_params(repo / "params.yaml", TINY)
+    write_params(repo / "params.yaml", merge(TINY, GATE))
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
                 ["git", "config", "user.name", "test"], ["dvc", "init", "-q"]):
         sh(repo, *cmd)
