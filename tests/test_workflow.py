@@ -125,3 +125,17 @@ def test_test_workflow_runs_make_test_on_push_and_pull_request():
     assert str(python["with"]["python-version"]) == "3.11"
     runs = [line.strip() for s in job["steps"] for line in s.get("run", "").splitlines()]
     assert "make test" in runs and "make test" in (ROOT / ".ci/run").read_text()
+
+
+def test_every_console_script_and_module_command_resolves():
+    """pcb-aoi-* point at functions that exist, and the README's `python -m` commands start."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+ (tomllib)")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"pcb-aoi-review", "pcb-aoi-check-deps", "pcb-aoi-detect", "pcb-aoi-remote"}
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+    for module in ("pcb_aoi.review", "pcb_aoi.remote", "pcb_aoi.pipeline.untracked", "pcb_aoi.pipeline.deps",
+                   "pcb_aoi.edge.app"):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.startswith("usage:"), f"python -m {module}: {r.stderr}"
