@@ -7,7 +7,7 @@ in the report with the reason; nothing is dropped silently. Images larger than `
 (PKU-style photos) are cut into overlapping tiles; a cut box keeps its label when at least
 ``etl.tile_min_visibility`` of it lies in the tile. With ``etl.register_max_px`` > 0 each template is
 registered to its test image (moved by the integer shift that best matches them, see
-``preprocess.registration_shift``); the moves are listed in the report and the clean folder records
+``edge.preprocess.registration_shift``); the moves are listed in the report and the clean folder records
 the setting, which the model's contract then passes on to the edge app.
 """
 from __future__ import annotations

@@ -3,10 +3,10 @@
 Two files: the raw model (``heatmap``, ``boxes`` maps; the INT8 and benchmark stages use it) and an
 end-to-end model with decoding and NMS in the graph (``e2e.EndToEnd``; final detections for the
 edge app). Both have dynamic batch and image size axes and carry the preprocessing contract as
-ONNX metadata (``pcb_aoi_contract``, read by ``pcb_aoi.edge``). The gates run PyTorch and ONNX
-Runtime on held-out images at a batch size other than the export one: raw outputs within
-``parity_atol``, and the same detections (classes, boxes within 0.5 px, scores within
-``parity_atol``), or the stage fails saying by how much and the previous files stay in place.
+ONNX metadata (``pcb_aoi_contract``, its names in ``pcb_aoi.edge.contract``; read by ``pcb_aoi.edge``).
+The gates run PyTorch and ONNX Runtime on held-out images at a batch size other than the export one:
+raw outputs within ``parity_atol``, and the same detections (classes, boxes within 0.5 px, scores
+within ``parity_atol``), or the stage fails saying by how much and the previous files stay in place.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def contract(ckpt: dict, score_threshold: float, end_to_end: bool) -> dict:
         "output_names": E2E_OUTPUTS if end_to_end else OUTPUTS,
         "decode": {"top_k": TOP_K, "nms_iou": NMS_IOU, "min_score": MIN_SCORE},
         "score_threshold": score_threshold,  # default operating point (evaluate.score_threshold)
-        "precision": "fp32",  # the quantize stage writes int8 and the INT8 format (pcb_aoi.int8) into its copy
+        "precision": "fp32",  # the quantize stage writes int8 and the INT8 format (pcb_aoi.edge.int8) into its copy
         "model_config": ckpt["model_config"],
     }
 
@@ -135,7 +135,7 @@ def split_detections(outputs: list[np.ndarray], min_score: float = 0.0) -> list[
 
 
 def parity_e2e(model: torch.nn.Module, sess: ort.InferenceSession, x: np.ndarray, atol: float) -> dict:
-    """The end-to-end graph in ONNX Runtime against PyTorch + ``inference.decode`` on batch ``x``."""
+    """The end-to-end graph in ONNX Runtime against PyTorch + ``model.inference.decode`` on batch ``x``."""
     with torch.no_grad():
         dt = decode(*model(torch.from_numpy(x)), score_threshold=PARITY_MIN_SCORE, top_k=TOP_K, nms_iou=NMS_IOU)
     outputs = sess.run(E2E_OUTPUTS, {INPUT: x})

@@ -1,7 +1,7 @@
 """quantize: the FP32 ONNX model as INT8 (ONNX Runtime static quantization, QDQ), with an accuracy gate.
 
 Calibrated on training images (``data/augmented``: the training split and its augmented copies);
-activations uint8, weights per channel in the format ``quantize.format`` (``pcb_aoi.int8``: the default
+activations uint8, weights per channel in the format ``quantize.format`` (``pcb_aoi.edge.int8``: the default
 ``u8s7`` computes exactly on every CPU; ``u8s8`` saturates on x86 CPUs without VNNI). The format goes
 into the model's contract, and the stage checks the written file against it: with a format that
 claims to be exact everywhere, no quantized convolution may hold two weights whose products with

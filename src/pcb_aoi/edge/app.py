@@ -23,7 +23,7 @@ alone until their size and time stamp stay the same for ``--settle`` seconds; hi
 file). A corrupt image is logged and journaled as an error; the watcher moves on. SIGINT/SIGTERM:
 the current image is finished, then the app exits 0.
 
-INT8 models: the arithmetic of some INT8 formats depends on the CPU (``pcb_aoi.int8``: full-range int8
+INT8 models: the arithmetic of some INT8 formats depends on the CPU (``pcb_aoi.edge.int8``: full-range int8
 weights saturate on x86 CPUs without VNNI). At start the app warns, naming the model's format and this
 CPU's instruction sets, when the model is known to lose accuracy here or when its format is unknown
 (quantized before pcb-aoi recorded it); ``--info`` prints the verdict.

@@ -2,7 +2,7 @@
 
 The same code runs 2-3x apart on different cloud CPUs, and some formats are only accurate or fast
 with some instruction sets: ONNX Runtime's U8S8 INT8 kernels saturate on x86 CPUs without VNNI
-(``pcb_aoi.int8``), and bfloat16 is emulated (about 2.6x slower than fp32) on CPUs without
+(``pcb_aoi.edge.int8``), and bfloat16 is emulated (about 2.6x slower than fp32) on CPUs without
 AVX512-BF16 or AMX. Every timing, accuracy gate and training report therefore records the CPU model
 and its instruction sets (``describe``).
 

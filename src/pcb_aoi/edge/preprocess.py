@@ -1,5 +1,5 @@
 """The model input contract in numpy and Pillow (no torch): image decoding, registration and input
-layout, shared by training, evaluation, export and the torch-free edge app (``edge.py``), so there is
+layout, shared by training, evaluation, export and the torch-free edge app (``runtime.py``), so there is
 one implementation to keep right.
 
 Grey uint8 images, copper dark; channels ``test/255, template/255, (test - template)/255`` (or

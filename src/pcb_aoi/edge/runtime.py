@@ -1,11 +1,11 @@
 """Inference on the edge box: an exported model, numpy, ONNX Runtime and Pillow; no PyTorch.
 
-Reads the preprocessing contract the export stage stores in the ONNX metadata
-(``pcb_aoi_contract``, names in ``contract.py``) and reproduces ``pcb_aoi.model.inference`` exactly: grey uint8 images, channels
-``test/255, template/255, (test - template)/255``, padded bottom/right to a multiple of 32 with
-1.0 / 1.0 / 0.0. An end-to-end model (``model.e2e.onnx``) returns final detections; for a raw model
-(``model.onnx``, ``model.int8.onnx``) the decoding (sigmoid, 3x3 peaks, top-k, per-class NMS) runs
-here in numpy, as ``inference.decode`` does in torch.
+Reads the preprocessing contract the export stage stores in the ONNX metadata (``pcb_aoi_contract``,
+its names in ``contract.py``) and reproduces ``pcb_aoi.model.inference`` exactly: grey uint8 images,
+channels ``test/255, template/255, (test - template)/255``, padded bottom/right to a multiple of 32
+with 1.0 / 1.0 / 0.0. An end-to-end model (``model.e2e.onnx``) returns final detections; for a raw
+model (``model.onnx``, ``model.int8.onnx``) the decoding (sigmoid, 3x3 peaks, top-k, per-class NMS)
+runs here in numpy, as ``pcb_aoi.model.inference.decode`` does in torch.
 
 This module must import nothing but the standard library, numpy, onnxruntime and PIL (and OpenCV
 when installed, for faster PNG decoding): the ``pcb-aoi[edge]`` install has no torch (a test enforces it).
@@ -99,7 +99,7 @@ def decode(heatmap: np.ndarray, boxes: np.ndarray, score_threshold: float, top_k
            nms_iou: float = NMS_IOU) -> list[dict[str, np.ndarray]]:
     """Raw outputs (B, K, h, w) logits and (B, 4, h, w) boxes -> per image {boxes, scores, labels}.
 
-    The same detections as ``inference.decode``: sigmoid, 3x3 local maxima, top-k, per-class NMS.
+    The same detections as ``pcb_aoi.model.inference.decode``: sigmoid, 3x3 local maxima, top-k, per-class NMS.
     Only peaks above the threshold are sorted, and NMS compares all pairs at once: ~2 ms for a
     640x640 image's maps.
     """
@@ -189,7 +189,7 @@ class EdgeModel:
 
     def cpu_verdict(self, cpu: machine.Cpu | None = None) -> tuple[str, str]:
         """Does this model compute on ``cpu`` (default: this one) what its accuracy gate measured?
-        (``exact`` | ``saturates`` | ``unknown``, a sentence naming the format and the CPU); ``pcb_aoi.int8``."""
+        (``exact`` | ``saturates`` | ``unknown``, a sentence naming the format and the CPU); ``pcb_aoi.edge.int8``."""
         cpu = cpu or machine.cpu()
         if self.precision != "int8":
             return "exact", f"{self.precision} model: no integer arithmetic that depends on the CPU ({cpu})"

@@ -2,8 +2,8 @@
 
 Writes the metrics (COCO mAP, mAP@0.5, mAP@0.33 = DeepPCB's protocol, per-class AP50 and recall
 at the operating threshold, escape rate) and DVC plots: precision-recall curves per class (``pr.csv``,
-long format: class, recall, precision), a confusion matrix (``background`` = missed defect / false alarm) and overlay pictures of true and
-predicted defects (``overlays``).
+long format: class, recall, precision), a confusion matrix (``background`` = missed defect / false
+alarm) and overlay pictures of true and predicted defects (``overlays``).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training targets and losses for the CenterNet-style detector in ``model.py``."""
+"""Training targets and losses for the CenterNet-style detector in ``network.py``."""
 from __future__ import annotations
 
 import torch

@@ -124,7 +124,7 @@ class QuantizeConfig:
     op_types: tuple[str, ...] = ("Conv", "Add", "Relu", "Resize")  # ONNX ops to quantize
     keep_float: tuple[str, ...] = ()  # nodes whose name contains one of these stay float
     max_map50_drop: float = 0.005  # accuracy gate: test mAP@0.5 FP32 - INT8 at most this
-    format: Literal["u8s7", "u8s8", "u8u8"] = "u8s7"  # INT8 arithmetic (pcb_aoi.int8): u8s7 is exact on every CPU
+    format: Literal["u8s7", "u8s8", "u8u8"] = "u8s7"  # INT8 arithmetic (pcb_aoi.edge.int8): u8s7 is exact on every CPU
 
 
 @dataclass(frozen=True)
