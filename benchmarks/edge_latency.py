@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pcb_aoi.edge import PROVIDERS, EdgeModel, read_grey, read_pair
-from pcb_aoi.edge_app import Detector
-from pcb_aoi import machine
+from pcb_aoi.edge import machine
+from pcb_aoi.edge.app import Inspector
+from pcb_aoi.edge.contract import PROVIDERS
+from pcb_aoi.edge.runtime import EdgeModel, read_grey, read_pair
 
 
 def find_pairs(folder: Path, limit: int) -> list[tuple[Path, Path]]:
@@ -62,9 +63,9 @@ def measure(model: EdgeModel, pairs: list, warmup: int, runs: int) -> dict:
 
 
 def measure_stream(model: EdgeModel, pairs: list, warmup: int, runs: int) -> dict:
-    """Throughput of the app's read-ahead loop (``Detector.process_all``) over the test images."""
-    det = Detector(model, argparse.Namespace(template=None, template_dir=None, score=None, overlay_dir=None,
-                                             quiet=True))
+    """Throughput of the app's read-ahead loop (``Inspector.process_all``) over the test images; no line per
+    image (the app's logging is not set up here)."""
+    det = Inspector(model, argparse.Namespace(template=None, template_dir=None, score=None, overlay_dir=None))
     images = [pairs[i % len(pairs)][0] for i in range(warmup + runs)]
     stamps, latency = [], []
     for i, record in enumerate(det.process_all(images)):

@@ -32,16 +32,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from pcb_aoi import machine  # noqa: E402
+from pcb_aoi.edge import machine  # noqa: E402
 
 
 def score_models(models: dict[str, str], clean: str, split: str, limit: int = 0) -> dict:
     """name -> {map50, map} on the test split (its first ``limit`` images when > 0) with ONNX Runtime,
     plus the CPU this process sees."""
-    from pcb_aoi.dataset import Dataset, split_ids
-    from pcb_aoi.edge import EdgeModel
-    from pcb_aoi.evaluate import score
-    from pcb_aoi.export import ort_runner, ort_session
+    from pcb_aoi.data.dataset import Dataset, split_ids
+    from pcb_aoi.edge.runtime import EdgeModel, ort_runner, ort_session
+    from pcb_aoi.evaluation.evaluate import score
 
     ds, ids = Dataset.load(clean), split_ids(split, "test")
     ids = ids[:limit] if limit > 0 else ids
@@ -55,9 +54,10 @@ def score_models(models: dict[str, str], clean: str, split: str, limit: int = 0)
 
 def time_models(models: dict[str, str], clean: str, split: str, rounds: int, warmup: int) -> dict:
     """name -> latency p50/p99 (ms, batch 1, inference only) and stream FPS over the test images."""
-    from pcb_aoi.dataset import Dataset, split_ids
-    from pcb_aoi.export import INPUT, ort_session
-    from pcb_aoi.inference import load_pair, prepare_input
+    from pcb_aoi.data.dataset import Dataset, split_ids
+    from pcb_aoi.edge.contract import INPUT
+    from pcb_aoi.edge.runtime import ort_session
+    from pcb_aoi.model.inference import load_pair, prepare_input
 
     ds, ids = Dataset.load(clean), split_ids(split, "test")
     needs_template = json.loads(next(iter(_contracts(models).values())))["needs_template"]
@@ -83,7 +83,7 @@ def time_models(models: dict[str, str], clean: str, split: str, rounds: int, war
 def _contracts(models: dict[str, str]) -> dict[str, str]:
     import onnx
 
-    from pcb_aoi.export import CONTRACT_KEY
+    from pcb_aoi.edge.contract import CONTRACT_KEY
 
     return {k: next(p.value for p in onnx.load(p_, load_external_data=False).metadata_props if p.key == CONTRACT_KEY)
             for k, p_ in models.items()}
@@ -123,8 +123,8 @@ def main() -> None:
         print(json.dumps(score_models(json.loads(args.score_only), args.clean, args.split, args.limit)))
         return
 
-    from pcb_aoi.config import load_params
-    from pcb_aoi.quantize import calibration_inputs, quantize
+    from pcb_aoi.deploy.quantize import calibration_inputs, quantize
+    from pcb_aoi.pipeline.config import load_params
 
     base = load_params(args.params).quantize
     work = Path(args.keep or tempfile.mkdtemp(prefix="int8-formats-"))

@@ -26,8 +26,8 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from pcb_aoi import checkpoint  # noqa: E402
-from pcb_aoi.export import INPUT, OUTPUTS  # noqa: E402
+from pcb_aoi.edge.contract import INPUT, OUTPUTS  # noqa: E402
+from pcb_aoi.model import checkpoint  # noqa: E402
 
 
 def median_ms(fn, runs: int) -> float:

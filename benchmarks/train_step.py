@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from pcb_aoi import machine  # noqa: E402
-from pcb_aoi.loss import box_loss, build_targets, focal_loss  # noqa: E402
-from pcb_aoi.model import Detector, DetectorConfig  # noqa: E402
+from pcb_aoi.edge import machine  # noqa: E402
+from pcb_aoi.model.loss import box_loss, build_targets, focal_loss  # noqa: E402
+from pcb_aoi.model.network import Detector, DetectorConfig  # noqa: E402
 
 
 def random_batch(batch: int, crop: int, classes: int, gen: torch.Generator):

@@ -45,8 +45,8 @@ def tiny_params(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """The tiny pipeline's data stages run once through the library: raw, clean, split, augmented."""
-    from pcb_aoi import augment, etl, ingest, split
-    from pcb_aoi.config import load_params
+    from pcb_aoi.data import augment, etl, ingest, split
+    from pcb_aoi.pipeline.config import load_params
 
     d = tmp_path_factory.mktemp("tiny")
     p = load_params(write_params(d / "params.yaml", TINY))
@@ -62,6 +62,11 @@ def copy_project(dst: Path) -> None:
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, dst / name)
     shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+
+
+def copy_plot_templates(dst: Path) -> None:
+    """The project's custom plot templates (.dvc/plots), into a repository after its `dvc init`."""
+    shutil.copytree(ROOT / ".dvc/plots", dst / ".dvc/plots")
 
 
 AZURITE = ROOT / "node_modules" / ".bin" / "azurite-blob"

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from pcb_aoi.config import ConfigError, load_params
+from pcb_aoi.pipeline.config import ConfigError, load_params
 from conftest import ROOT
 
 

@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pcb_aoi import augment, etl
-from pcb_aoi.config import CLASSES, AugmentConfig, EtlConfig
-from pcb_aoi.dataset import Dataset, make_boxes_frame, make_images_frame
+from pcb_aoi.data import augment, etl
+from pcb_aoi.data.dataset import Dataset, make_boxes_frame, make_images_frame
+from pcb_aoi.pipeline.config import CLASSES, AugmentConfig, EtlConfig
 
 
 def test_split_keeps_boards_apart(tiny_pipeline):
@@ -89,9 +89,9 @@ def test_failed_stage_leaves_previous_output(tmp_path):
 
 
 def test_etl_registers_templates_lists_the_moves_and_records_the_setting(tmp_path):
-    from pcb_aoi.dataset import registration_px
-    from pcb_aoi.preprocess import read_grey
-    from pcb_aoi.synth import SynthConfig, board_samples
+    from pcb_aoi.data.dataset import registration_px
+    from pcb_aoi.data.synth import SynthConfig, board_samples
+    from pcb_aoi.edge.preprocess import read_grey
     root = tmp_path / "raw"
     (root / "images").mkdir(parents=True)
     rows, originals = [], {}

@@ -12,12 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pcb_aoi import checkpoint, edge, edge_app, export
-from pcb_aoi.config import CLASSES
-from pcb_aoi.dataset import Dataset
-from pcb_aoi.inference import load_pair, predict, prepare_input, torch_runner
-from pcb_aoi.model import Detector, DetectorConfig
-from pcb_aoi.preprocess import register_template
+import pcb_aoi
+from pcb_aoi.data.dataset import Dataset
+from pcb_aoi.deploy import export
+from pcb_aoi.edge import app, runtime
+from pcb_aoi.edge.preprocess import register_template
+from pcb_aoi.model import checkpoint
+from pcb_aoi.model.inference import load_pair, predict, prepare_input, torch_runner
+from pcb_aoi.model.network import Detector, DetectorConfig
+from pcb_aoi.pipeline.config import CLASSES
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -52,13 +55,13 @@ def models(tmp_path_factory, tiny_pipeline):
 
 @pytest.mark.parametrize("threshold, top_k", [(0.2, 100), (0.0, 100), (0.5, 7)])
 def test_numpy_decode_matches_torch_decode(threshold, top_k):
-    from pcb_aoi.inference import decode
+    from pcb_aoi.model.inference import decode
     rng = np.random.default_rng(0)
     heat = rng.normal(0, 2, (2, 6, 16, 20)).astype(np.float32)
     centres = rng.uniform(0, 64, (2, 2, 16, 20)).astype(np.float32)
     boxes = np.concatenate([centres - 6, centres + 6], 1)  # overlapping 12 px boxes
     ref = decode(torch.from_numpy(heat), torch.from_numpy(boxes), threshold, top_k)
-    got = edge.decode(heat, boxes, threshold, top_k)
+    got = runtime.decode(heat, boxes, threshold, top_k)
     for r, g in zip(ref, got):
         assert len(r["labels"]) >= min(top_k, 10) // 2 and r["labels"].tolist() == g["labels"].tolist()
         assert np.abs(r["boxes"].numpy() - g["boxes"]).max() <= 1e-5
@@ -70,11 +73,11 @@ def test_edge_detections_match_the_pytorch_pipeline(models, variant, spin):
     model, raw, e2e_path, ds = models
     ids = ds.images.image_id[:4].tolist()
     ref = predict(torch_runner(model), ds, ids, True, batch_size=1, score_threshold=0.3)
-    em = edge.EdgeModel(raw if variant == "raw" else e2e_path, spin=spin)
+    em = runtime.EdgeModel(raw if variant == "raw" else e2e_path, spin=spin)
     assert em.end_to_end == (variant == "e2e") and em.contract["score_threshold"] == 0.3
     total = 0
     for row in ds.rows(ids):
-        test, template = edge.read_pair(ds.root / row.path, ds.root / row.template_path)
+        test, template = runtime.read_pair(ds.root / row.path, ds.root / row.template_path)
         dets = em.detect(test, template)  # default threshold from the metadata
         got = {"boxes": np.array([d.box for d in dets]).reshape(-1, 4), "scores": np.array([d.score for d in dets]),
                "labels": np.array([CLASSES.index(d.cls) for d in dets])}
@@ -87,7 +90,7 @@ def test_edge_detections_match_the_pytorch_pipeline(models, variant, spin):
 def test_end_to_end_parity_gate_passes_and_fails(models):
     model, _, e2e_path, ds = models
     x = np.stack([prepare_input(*load_pair(ds, r), True) for r in ds.rows(ds.images.image_id[:3])])
-    sess = export.ort_session(e2e_path)
+    sess = runtime.ort_session(e2e_path)
     report = export.parity_e2e(model, sess, x, atol=1e-4)  # batch 3, exported at batch 1
     assert report["same_detections"] and report["detections"] > 10 and report["max_box_diff_px"] <= 0.5
     shifted = overlapping_model()
@@ -101,8 +104,14 @@ def test_end_to_end_parity_gate_passes_and_fails(models):
 
 ALLOWED = {"numpy", "onnxruntime", "PIL", "pcb_aoi"}
 CHECK_IMPORTS = """
-import sys
-from pcb_aoi.edge_app import main
+import importlib, pkgutil, sys
+import pcb_aoi, pcb_aoi.edge
+for m in pkgutil.iter_modules(pcb_aoi.edge.__path__, 'pcb_aoi.edge.'):  # every module of the edge package
+    importlib.import_module(m.name)
+for name in pcb_aoi.edge.__all__:  # and every name it exports, and the top-level API's edge part
+    getattr(pcb_aoi.edge, name)
+pcb_aoi.load_model, pcb_aoi.detect
+from pcb_aoi.edge.app import main
 rc = main(sys.argv[1:])
 extra = sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {ALLOWED} - {'__main__', '_distutils_hack'})
 if extra:
@@ -145,14 +154,14 @@ def test_read_pair_decodes_both_files_at_once_and_names_the_bad_one(tmp_path):
     Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64).astype(np.uint8)).save(a)
     Image.fromarray(np.full((48, 64, 3), (10, 200, 90), np.uint8)).save(b)  # RGB JPEG: Pillow, averaged
     bad.write_bytes(b"not an image")
-    test, template = edge.read_pair(a, b)
-    assert np.array_equal(test, edge.read_grey(a)) and np.array_equal(template, edge.read_grey(b))
-    assert edge.read_pair(b, None)[1] is None
+    test, template = runtime.read_pair(a, b)
+    assert np.array_equal(test, runtime.read_grey(a)) and np.array_equal(template, runtime.read_grey(b))
+    assert runtime.read_pair(b, None)[1] is None
     for pair, name in [((a, bad), "bad.png"), ((bad, a), "bad.png"), ((a, tmp_path / "gone.png"), "gone.png")]:
-        with pytest.raises(edge.EdgeError, match=name):
-            edge.read_pair(*pair)
-    with pytest.raises(edge.EdgeError, match="bad.png"):  # both bad: the test image is named
-        edge.read_pair(bad, tmp_path / "gone.png")
+        with pytest.raises(runtime.EdgeError, match=name):
+            runtime.read_pair(*pair)
+    with pytest.raises(runtime.EdgeError, match="bad.png"):  # both bad: the test image is named
+        runtime.read_pair(bad, tmp_path / "gone.png")
 
 
 def test_cli_on_good_corrupt_and_missing_files_without_torch(models, no_torch_env, tmp_path):
@@ -193,18 +202,32 @@ def test_cli_on_good_corrupt_and_missing_files_without_torch(models, no_torch_en
 def test_cli_converts_rgb_pads_odd_sizes_and_refuses_mismatched_templates(models, no_torch_env, tmp_path):
     _, raw, _, ds = models
     row = ds.rows(ds.images.image_id[:1])[0]
-    test, template = edge.read_grey(ds.root / row.path), edge.read_grey(ds.root / row.template_path)
+    test, template = runtime.read_grey(ds.root / row.path), runtime.read_grey(ds.root / row.template_path)
     Image.fromarray(np.repeat(test[:100, :90, None], 3, 2)).save(tmp_path / "rgb_test.png")  # RGB, 90x100
     Image.fromarray(template[:100, :90]).save(tmp_path / "rgb_temp.png")
     Image.fromarray(template[:64, :64]).save(tmp_path / "small.png")
     r = detect(no_torch_env, "--model", raw, tmp_path / "rgb_test.png")
     assert r.returncode == 0, r.stderr
-    em = edge.EdgeModel(raw)
+    em = runtime.EdgeModel(raw)
     expected = em.detect(test[:100, :90], template[:100, :90])
     assert len(json.loads(r.stdout)["detections"]) == len(expected)
     assert all(d.box[2] <= 90 and d.box[3] <= 100 for d in expected)  # clipped to the image
     r = detect(no_torch_env, "--model", raw, tmp_path / "rgb_test.png", "--template", tmp_path / "small.png")
     assert r.returncode == 1 and "template is 64x64 px, image 90x100 px" in r.stdout
+    # The Python API: files or arrays, the same detections as the app's model.
+    api = pcb_aoi.detect(pcb_aoi.load_model(raw), tmp_path / "rgb_test.png", tmp_path / "rgb_temp.png")
+    assert [d.to_dict() for d in api] == [d.to_dict() for d in expected]
+
+
+def test_packages_import_lazily_without_torch(no_torch_env):
+    """Each sub-package exports its names lazily: importing one (and pcb_aoi) needs no torch or pandas."""
+    code = ("import pcb_aoi, sys; [__import__(f'pcb_aoi.{p}') for p in "
+            "('data', 'model', 'evaluation', 'deploy', 'remote', 'pipeline', 'edge')]; "
+            "print(pcb_aoi.__version__, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', "
+            "'onnxruntime')))")
+    r = subprocess.run([sys.executable, "-c", code], env=no_torch_env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[1:] == ["[]"] and r.stdout.split()[0] != ""
 
 
 def test_cli_refuses_a_file_that_is_not_our_onnx(no_torch_env, tmp_path):
@@ -335,10 +358,10 @@ def test_a_model_trained_on_registered_pairs_makes_the_app_register_each_pair(mo
     ckpt = {"classes": list(CLASSES), "input_spec": checkpoint.input_spec(True, register_max_px=8),
             "model_config": model.cfg.to_dict()}
     row = ds.rows(ds.images.image_id[:1])[0]
-    test, template = edge.read_grey(ds.root / row.path), edge.read_grey(ds.root / row.template_path)
+    test, template = runtime.read_grey(ds.root / row.path), runtime.read_grey(ds.root / row.template_path)
     x = torch.from_numpy(prepare_input(test, template, True)[None])
     export.export(model, ckpt, x, tmp_path / "registered.onnx", opset=17, score_threshold=0.3)
-    registering, plain = edge.EdgeModel(tmp_path / "registered.onnx"), edge.EdgeModel(plain_path)
+    registering, plain = runtime.EdgeModel(tmp_path / "registered.onnx"), runtime.EdgeModel(plain_path)
     assert registering.contract["register_max_px"] == 8 and plain.contract["register_max_px"] == 0
     moved = np.roll(template, (3, -5), axis=(0, 1))  # a badly registered pair
     fixed, shift = register_template(test, moved, 8)
@@ -349,6 +372,6 @@ def test_a_model_trained_on_registered_pairs_makes_the_app_register_each_pair(mo
     # The app registers in its reader thread: the same detections.
     Image.fromarray(test).save(tmp_path / "board.png")
     Image.fromarray(moved).save(tmp_path / "golden.png")
-    assert edge_app.main(["--model", str(tmp_path / "registered.onnx"), str(tmp_path / "board.png"), "--template",
+    assert app.main(["--model", str(tmp_path / "registered.onnx"), str(tmp_path / "board.png"), "--template",
                  str(tmp_path / "golden.png"), "--out", str(tmp_path / "out.jsonl"), "--quiet"]) == 0
     assert read_jsonl(tmp_path / "out.jsonl")[0]["detections"] == as_dicts(plain.detect(test, fixed))

@@ -1,7 +1,7 @@
 """The CPU a number was measured on: model name and the instruction sets this project's choices depend on."""
 import platform
 
-from pcb_aoi import machine
+from pcb_aoi.edge import machine
 
 GRAVITON3 = """processor\t: 0
 BogoMIPS\t: 2100.00

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pcb_aoi.metrics import coco_metrics, operating_point
+from pcb_aoi.evaluation.metrics import coco_metrics, operating_point
 
 CLASSES = ("open", "short")
 

@@ -2,18 +2,20 @@ import numpy as np
 import pytest
 import torch
 
-from pcb_aoi import checkpoint, export, train
-from pcb_aoi.config import CLASSES, ExportConfig
-from pcb_aoi.dataset import Dataset
-from pcb_aoi.inference import decode, load_pair, prepare_input
-from pcb_aoi.loss import box_loss, build_targets, focal_loss
-from pcb_aoi.model import Detector, DetectorConfig
+from pcb_aoi.data.dataset import Dataset
+from pcb_aoi.deploy import export
+from pcb_aoi.edge import runtime
+from pcb_aoi.model import checkpoint, crops
+from pcb_aoi.model.inference import decode, load_pair, prepare_input
+from pcb_aoi.model.loss import box_loss, build_targets, focal_loss
+from pcb_aoi.model.network import Detector, DetectorConfig
+from pcb_aoi.pipeline.config import CLASSES, ExportConfig
 
 
 def _batch(tiny_pipeline, n=4):
     d, p = tiny_pipeline
-    data = train.PairDataset(Dataset.load(d / "augmented"), CLASSES, True, crop=64, seed=0)
-    return train.collate([data[i] for i in range(n)])
+    data = crops.PairDataset(Dataset.load(d / "augmented"), CLASSES, True, crop=64, seed=0)
+    return crops.collate([data[i] for i in range(n)])
 
 
 def test_targets_peak_at_box_centres():
@@ -93,7 +95,7 @@ def test_onnx_parity_on_a_batch_size_other_than_export(tmp_path, tiny_pipeline):
     ckpt = {"classes": list(CLASSES), "input_spec": checkpoint.input_spec(True), "model_config": model.cfg.to_dict()}
     path = tmp_path / "m.onnx"
     export.export(model, ckpt, torch.from_numpy(x[:1]), path, opset=17)
-    sess = export.ort_session(path)
+    sess = runtime.ort_session(path)
     assert sess.get_inputs()[0].shape[0] == "batch"
     assert sess.get_modelmeta().custom_metadata_map["classes"] == '["open", "short", "mousebite", "spur", "copper", "pin-hole"]'
     report = export.parity(model, sess, x, atol=1e-4)  # batch 3, exported at batch 1
@@ -109,7 +111,7 @@ def test_parity_gate_fails_when_outputs_differ(tmp_path):
     with torch.no_grad():
         model.cls_head[-1].bias += 0.01  # the PyTorch side drifts from what was exported
     with pytest.raises(export.ParityError, match="heatmap"):
-        export.parity(model, export.ort_session(tmp_path / "m.onnx"), x, atol=1e-3)
+        export.parity(model, runtime.ort_session(tmp_path / "m.onnx"), x, atol=1e-3)
 
 
 def test_export_stage_keeps_previous_onnx_when_gate_fails(tmp_path, tiny_pipeline):

@@ -1,7 +1,7 @@
 """Overlay pictures on hand-made boxes: what is drawn where, and which images are picked."""
 import numpy as np
 
-from pcb_aoi.overlays import FALSE_ALARM, FOUND, HEADER, MISSED, PREDICTED, draw, errors, pick, scale_of
+from pcb_aoi.evaluation.overlays import FALSE_ALARM, FOUND, HEADER, MISSED, PREDICTED, draw, errors, pick, scale_of
 
 CLASSES = ("open", "short")
 

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import TINY, copy_project, merge, write_params
+from conftest import TINY, copy_plot_templates, copy_project, merge, write_params
 
 TINY_CLASSES = ["open", "short", "mousebite", "spur", "copper", "pin-hole"]
 STAGES = ["ingest", "etl", "split", "augment", "train", "evaluate", "export_onnx", "quantize", "benchmark"]
@@ -38,6 +38,7 @@ def repo(tmp_path_factory):
     sh(repo, "git", "config", "user.email", "t@example.com")
     sh(repo, "git", "config", "user.name", "test")
     sh(repo, "dvc", "init", "-q")
+    copy_plot_templates(repo)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "tiny pipeline")
     out = sh(repo, "dvc", "repro").stdout
@@ -68,7 +69,9 @@ def test_repro_writes_every_report(repo):
     assert export["same_detections"] is True and export["end_to_end"]["same_detections"] is True
     quant = json.loads((repo / "reports/quantize.json").read_text())
     assert quant["map50_drop"] <= quant["max_map50_drop"] and (repo / "models/model.int8.onnx").is_file()
-    assert (repo / "reports/plots/confusion.csv").is_file() and (repo / "reports/plots/pr/open.csv").is_file()
+    assert (repo / "reports/plots/confusion.csv").is_file()
+    pr = (repo / "reports/plots/pr.csv").read_text().splitlines()
+    assert pr[0] == "class,recall,precision" and {row.split(",")[0] for row in pr[1:]} <= set(TINY_CLASSES)
     assert (repo / "reports/live/plots/metrics/val/map50.tsv").is_file()
 
 
@@ -82,17 +85,38 @@ def test_dvc_plots_render(repo):
     html = (repo / "plots_html/index.html").read_text()
     assert "Precision-recall" in html and "Confusion matrix" in html and "Validation mAP" in html
     assert "Latency vs accuracy" in html
+    # The PR plot draws one curve per class found in pr.csv: no list of classes in dvc.yaml.
+    assert '"color": {"field": "class"' in html and '"class": "open"' in html
+
+
+def edited(repo, path: str) -> set[str]:
+    """The stages `dvc status` reports changed while ``path`` holds an edit (restored after)."""
+    lib = repo / path
+    original = lib.read_text()
+    lib.write_text(original + "\n# edited\n")
+    try:
+        return changed(repo)
+    finally:
+        lib.write_text(original)
 
 
 def test_deps_are_complete(repo):
     set_params(repo, {"seed": 1})
     assert changed(repo) == {"ingest", "split", "augment", "train"}  # every stage using the seed
     set_params(repo, {})
-    lib = repo / "src/pcb_aoi/loss.py"
-    original = lib.read_text()
-    lib.write_text(original + "\n# edited\n")
-    assert changed(repo) == {"train"}  # and, through models/model.pt, what follows it
-    lib.write_text(original)
+    assert edited(repo, "src/pcb_aoi/model/loss.py") == {"train"}  # and, through models/model.pt, what follows
+    assert changed(repo) == set()
+
+
+def test_an_edit_to_the_preprocessing_reruns_the_data_stages_that_use_it(repo):
+    """etl registers and decodes with edge/preprocess.py (as the edge app does): an edit to it must make
+    data/clean stale, not only the model stages."""
+    assert edited(repo, "src/pcb_aoi/edge/preprocess.py") == {
+        "etl", "augment", "train", "evaluate", "export_onnx", "quantize", "benchmark"}
+
+
+def test_an_edit_to_the_benchmark_reruns_only_the_benchmark(repo):
+    assert edited(repo, "src/pcb_aoi/deploy/benchmark.py") == {"benchmark"}
     assert changed(repo) == set()
 
 

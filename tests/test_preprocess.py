@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pcb_aoi.preprocess import (pad_to, prepare_input, read_grey_png, register_template, registration_shift,
+from pcb_aoi.edge.preprocess import (pad_to, prepare_input, read_grey_png, register_template, registration_shift,
                                stack_padded)
 
 
@@ -63,7 +63,7 @@ def test_fast_png_decoding_gives_pillows_pixels_and_leaves_every_other_file_to_p
 def test_the_pipeline_refuses_16_bit_images_that_grey_conversion_would_clip(tmp_path):
     from PIL import Image
 
-    from pcb_aoi.preprocess import read_grey
+    from pcb_aoi.edge.preprocess import read_grey
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "deep.png")
     with pytest.raises(ValueError, match=r"deep\.png: I;16 image .*convert it first"):
         read_grey(tmp_path / "deep.png")
@@ -71,7 +71,7 @@ def test_the_pipeline_refuses_16_bit_images_that_grey_conversion_would_clip(tmp_
 
 def _board_pair(dx, dy, seed=0, size=256):
     """A synthetic board (test, with defects) and its template moved by (dx, dy) px."""
-    from pcb_aoi.synth import SynthConfig, board_samples
+    from pcb_aoi.data.synth import SynthConfig, board_samples
     sample = board_samples(SynthConfig(image_size=size, images_per_board=1, max_shift_px=0.0), seed, 0)[0]
     template = np.roll(sample.template, (dy, dx), axis=(0, 1))
     return sample.test, template, sample.template

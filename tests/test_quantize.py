@@ -11,10 +11,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pcb_aoi import checkpoint, edge, edge_app, export, int8, machine, quantize
-from pcb_aoi.config import CLASSES, QuantizeConfig
-from pcb_aoi.dataset import Dataset
-from pcb_aoi.inference import load_pair, prepare_input
+from pcb_aoi.data.dataset import Dataset
+from pcb_aoi.deploy import export, quantize
+from pcb_aoi.edge import app, int8, machine, runtime
+from pcb_aoi.edge.contract import CONTRACT_KEY, OUTPUTS
+from pcb_aoi.model import checkpoint
+from pcb_aoi.model.inference import load_pair, prepare_input
+from pcb_aoi.pipeline.config import CLASSES, QuantizeConfig
 from test_edge import overlapping_model
 
 
@@ -41,12 +44,12 @@ def test_int8_model_loads_passes_its_gate_and_stays_close_to_fp32(fp32, tiny_pip
     assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
     assert report["nodes_kept_float"] > 0 and "Exp" in ops  # the box decoding stays float
     # Loads in onnxruntime, carries the contract, and its raw outputs stay near the FP32 model's.
-    em = edge.EdgeModel(out)
+    em = runtime.EdgeModel(out)
     assert em.contract["classes"] == list(CLASSES) and not em.end_to_end and em.precision == "int8"
     ds = Dataset.load(d / "clean")
     x = prepare_input(*load_pair(ds, ds.rows(ds.images.image_id[:1])[0]), True)[None]
-    f_heat, f_box = export.ort_session(fp32).run(export.OUTPUTS, {"input": x})
-    q_heat, q_box = em.session.run(export.OUTPUTS, {"input": x})
+    f_heat, f_box = runtime.ort_session(fp32).run(OUTPUTS, {"input": x})
+    q_heat, q_box = em.session.run(OUTPUTS, {"input": x})
     assert np.corrcoef(f_heat.ravel(), q_heat.ravel())[0, 1] > 0.95
     assert np.abs(f_box - q_box).max() < 4.0  # px: quantized features, float decoding
     assert json.loads(dict((p.key, p.value) for p in proto.metadata_props)["pcb_aoi_contract"])["outputs"] == "raw"
@@ -118,7 +121,7 @@ def test_default_int8_format_cannot_saturate_int16_on_any_cpu(int8_models):
         a = np.sort(np.abs(w.reshape(len(w), -1).astype(np.int64)), axis=1)
         worst = 255 * (a[:, -1] + a[:, -2]).max()  # the two largest products an output channel can pair
         assert worst <= 32767, f"{name}: two uint8 x int8 products can sum to {worst}"
-    contract = edge.EdgeModel(path).contract
+    contract = runtime.EdgeModel(path).contract
     assert contract["precision"] == "int8" and contract["int8"]["format"] == "u8s7"
     assert contract["int8"]["needs_vnni_on_x86"] is False and contract["int8"]["weight_range"] == [-64, 64]
 
@@ -130,7 +133,7 @@ def test_full_range_int8_can_saturate_and_says_so_uint8_weights_cannot(int8_mode
     assert worst > 32767  # what the default format exists to avoid
     assert quantize.int16_pair_bounds(onnx.load(str(path))) and max(
         v for v in quantize.int16_pair_bounds(onnx.load(str(path))).values()) == worst
-    assert edge.EdgeModel(path).contract["int8"]["needs_vnni_on_x86"] is True
+    assert runtime.EdgeModel(path).contract["int8"]["needs_vnni_on_x86"] is True
     u8, _ = int8_models["u8u8"]
     assert all(w.dtype == np.uint8 for w in conv_weights(u8).values())
     assert set(quantize.int16_pair_bounds(onnx.load(str(u8))).values()) == {None}
@@ -170,7 +173,7 @@ def test_verdict_per_format_and_injected_cpu(cpu, fmt, expected):
 
 def detect_main(argv, monkeypatch, capsys, cpu):
     monkeypatch.setattr(machine, "cpu", lambda: cpu)
-    code = edge_app.main([str(a) for a in argv])
+    code = app.main([str(a) for a in argv])
     return code, capsys.readouterr()
 
 
@@ -198,20 +201,20 @@ def test_int8_model_from_before_formats_is_accepted_with_an_unknown_accuracy_war
                                                                                    capsys, tmp_path):
     proto = onnx.load(str(int8_models["u8s8"][0]))
     for p in proto.metadata_props:  # the contract as the quantize stage wrote it before this change
-        if p.key == export.CONTRACT_KEY:
+        if p.key == CONTRACT_KEY:
             c = json.loads(p.value)
             del c["precision"], c["int8"]
             p.value = json.dumps(c)
     old = tmp_path / "old.int8.onnx"
     onnx.save(proto, str(old))
-    m = edge.EdgeModel(old)
+    m = runtime.EdgeModel(old)
     assert m.precision == "int8"
     for cpu in (AVX2, VNNI):
         status, why = m.cpu_verdict(cpu)
         assert status == "unknown" and "records no INT8 format" in why and cpu.model in why
     code, out = detect_main(["--model", old, "--info"], monkeypatch, capsys, VNNI)
     assert code == 0 and json.loads(out.out)["on_this_cpu"] == "unknown"
-    fp = edge.EdgeModel(fp32)  # FP32 arithmetic is the same everywhere
+    fp = runtime.EdgeModel(fp32)  # FP32 arithmetic is the same everywhere
     assert fp.precision == "fp32" and fp.cpu_verdict(AVX2)[0] == "exact"
 
 
@@ -225,7 +228,7 @@ out = {}
 for name, path in json.loads(sys.argv[2]).items():
     out[name] = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
 np.savez(sys.argv[3], **out)
-from pcb_aoi import machine
+from pcb_aoi.edge import machine
 print(json.dumps(machine.cpu().describe()))
 """
 

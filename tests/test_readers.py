@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pcb_aoi import etl, ingest, sources
-from pcb_aoi.config import CLASSES, EtlConfig, IngestConfig, SplitConfig
-from pcb_aoi.dataset import Dataset
-from pcb_aoi.readers import DataError
-from pcb_aoi.split import assign
+from pcb_aoi.data import etl, ingest, sources
+from pcb_aoi.data.dataset import Dataset
+from pcb_aoi.data.readers import DataError
+from pcb_aoi.data.split import assign
+from pcb_aoi.pipeline.config import CLASSES, EtlConfig, IngestConfig, SplitConfig
 
 from conftest import ROOT
 

@@ -12,11 +12,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import TINY, copy_project, write_params
-from pcb_aoi.overlays import HEADER, scale_of
-from pcb_aoi.review import HEADLINE
+from conftest import TINY, copy_plot_templates, copy_project, merge, write_params
+from pcb_aoi.evaluation.overlays import HEADER, scale_of
+from pcb_aoi.evaluation.review import HEADLINE
 
 VARIANT = ["-S", "train.epochs=8", "-S", "train.lr=0.01", "-S", "evaluate.score_threshold=0.1"]
+# The INT8 gate is not what these tests review: on 3 tiny test images one box moves mAP@0.5 by more than
+# the default 0.005 (the variant's u8s7 model drops 0.0057 on an AVX-512 EPYC), so both revisions allow more.
+GATE = {"quantize": {"max_map50_drop": 0.05}}
 
 
 def sh(repo, *cmd, check=True):
@@ -38,11 +41,14 @@ def show(repo, rev, path) -> bytes:
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("review")
     copy_project(repo)
-    write_params(repo / "params.yaml", TINY)
+    write_params(repo / "params.yaml", merge(TINY, GATE))
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
-                ["git", "config", "user.name", "test"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "project, not run yet"], ["git", "tag", "unrun"], ["dvc", "repro"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "base: tiny run"], ["git", "tag", "base"]):
+                ["git", "config", "user.name", "test"], ["dvc", "init", "-q"]):
+        sh(repo, *cmd)
+    copy_plot_templates(repo)
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "project, not run yet"], ["git", "tag", "unrun"],
+                ["dvc", "repro"], ["git", "add", "-A"], ["git", "commit", "-qm", "base: tiny run"],
+                ["git", "tag", "base"]):
         sh(repo, *cmd)
     (repo / "notes.txt").write_text("an untracked file the stages do not need\n")
     sh(repo, "dvc", "exp", "run", "--temp", "-n", "variant", *VARIANT)
@@ -192,12 +198,12 @@ def test_bad_revisions_fail_clearly(repo, tmp_path):
 
 
 def test_check_deps_names_an_untracked_dependency(repo):
-    check = [sys.executable, "-m", "pcb_aoi.untracked"]
+    check = [sys.executable, "-m", "pcb_aoi.pipeline.untracked"]
     assert sh(repo, *check).returncode == 0
     dvc_yaml = (repo / "dvc.yaml").read_text()
     (repo / "src/pcb_aoi/extra.py").write_text("X = 1\n")
-    (repo / "dvc.yaml").write_text(dvc_yaml.replace("      - src/pcb_aoi/overlays.py\n",
-                                                    "      - src/pcb_aoi/overlays.py\n      - src/pcb_aoi/extra.py\n", 1))
+    (repo / "dvc.yaml").write_text(dvc_yaml.replace("      - src/pcb_aoi/evaluation/overlays.py\n",
+                                                    "      - src/pcb_aoi/evaluation/overlays.py\n      - src/pcb_aoi/extra.py\n", 1))
     try:
         r = sh(repo, *check, check=False)
         assert r.returncode == 1 and "src/pcb_aoi/extra.py (needed by evaluate)" in r.stderr

@@ -3,9 +3,9 @@ import filecmp
 import numpy as np
 import pytest
 
-from pcb_aoi import ingest
-from pcb_aoi.config import CLASSES, SynthConfig
-from pcb_aoi.synth import board_samples
+from pcb_aoi.data import ingest
+from pcb_aoi.data.synth import board_samples
+from pcb_aoi.pipeline.config import CLASSES, SynthConfig
 
 CFG = SynthConfig(boards=2, images_per_board=2, image_size=128)
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from pcb_aoi import checkpoint, train
-from pcb_aoi.dataset import Dataset
+from pcb_aoi.data.dataset import Dataset
+from pcb_aoi.model import checkpoint, crops, devices, network, resume, training
 
 
 def weights(path):
@@ -29,7 +29,7 @@ def same_weights(a, b) -> bool:
 def run_train(tiny_pipeline, out, **over):
     d, p = tiny_pipeline
     cfg = dataclasses.replace(p.train, **over)
-    return train.run(cfg, p.seed, p.classes, d / "augmented", d / "clean", d / "split", out / "models" / "model.pt",
+    return training.run(cfg, p.seed, p.classes, d / "augmented", d / "clean", d / "split", out / "models" / "model.pt",
                      out / "live")
 
 
@@ -100,7 +100,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_pipeline, tm
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tiny_pipeline, tmp_path,
                                                                                   monkeypatch):
     calls = {"n": 0}
-    real = train.focal_loss
+    real = training.focal_loss
     steps_per_epoch = None
 
     def poisoned(logits, heat):
@@ -110,9 +110,9 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint
 
     d, p = tiny_pipeline
     steps_per_epoch = len(Dataset.load(d / "augmented").images) // p.train.batch_size
-    monkeypatch.setattr(train, "focal_loss", poisoned)
-    with pytest.raises(train.TrainingDiverged, match=r"at epoch 1, step 1 .*kept the last good checkpoints: .*last\.pt "
-                                                      r"\(epoch 0\)"):
+    monkeypatch.setattr(training, "focal_loss", poisoned)
+    with pytest.raises(training.TrainingDiverged, match=r"at epoch 1, step 1 .*kept the last good checkpoints: "
+                                                         r".*last\.pt \(epoch 0\)"):
         run_train(tiny_pipeline, tmp_path, epochs=3)
     last = tmp_path / "models/checkpoints/last.pt"
     assert torch.load(last, weights_only=True)["epoch"] == 0
@@ -120,15 +120,15 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint
     assert not (tmp_path / "live").exists(), "no half-written learning curves"
 
     # The kept resume point is used only by a run with the same params; a changed lr starts over.
-    monkeypatch.setattr(train, "focal_loss", real)
+    monkeypatch.setattr(training, "focal_loss", real)
     changed = run_train(tiny_pipeline, tmp_path, epochs=3, lr=p.train.lr / 2)
     assert changed["resumed_from_epoch"] is None
 
 
 def test_ema_warms_up_then_averages_weights_and_batchnorm_statistics():
     torch.manual_seed(0)
-    net = train.Detector(train.DetectorConfig(num_classes=6, width=4))
-    ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=train.ema_update(0.5), use_buffers=True)
+    net = network.Detector(network.DetectorConfig(num_classes=6, width=4))
+    ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=training.ema_update(0.5), use_buffers=True)
     first = {k: v.clone() for k, v in net.state_dict().items()}
     ema.update_parameters(net)  # the first update copies
     with torch.no_grad():
@@ -154,11 +154,11 @@ def test_ema_warms_up_then_averages_weights_and_batchnorm_statistics():
 def test_incompatible_resume_point_is_ignored_saying_which_keys_differ(tiny_pipeline, tmp_path, capsys):
     d, p = tiny_pipeline
     last = tmp_path / "models/checkpoints/last.pt"
-    fp = train.fingerprint(dataclasses.replace(p.train, lr=0.5), p.seed, p.classes, d / "augmented", [], 1)
-    net = train.Detector(train.DetectorConfig(num_classes=6, width=p.train.model.width))
+    fp = resume.fingerprint(dataclasses.replace(p.train, lr=0.5), p.seed, p.classes, d / "augmented", [], 1)
+    net = network.Detector(network.DetectorConfig(num_classes=6, width=p.train.model.width))
     opt = torch.optim.AdamW(net.parameters())
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.5, total_steps=10)
-    train.save_resume(last, fp, net, None, opt, sched, 0, {"map": 0.1, "map50": 0.2}, 0, [{"train/loss": 1.0}], [1.0])
+    resume.save_resume(last, fp, net, None, opt, sched, 0, {"map": 0.1, "map50": 0.2}, 0, [{"train/loss": 1.0}], [1.0])
     summary = run_train(tiny_pipeline, tmp_path)
     out = capsys.readouterr().out
     assert "not resuming" in out and f"train.lr (0.5 -> {p.train.lr})" in out
@@ -212,25 +212,25 @@ def test_ddp_two_cpu_processes_under_torchrun(tiny_pipeline, tmp_path):
 
 
 def test_device_auto_falls_back_to_cpu_and_cuda_without_gpu_says_so():
-    assert train.resolve_device("cpu").type == "cpu"
+    assert devices.resolve_device("cpu").type == "cpu"
     if torch.cuda.is_available():
-        assert train.resolve_device("auto").type == "cuda"
+        assert devices.resolve_device("auto").type == "cuda"
     else:
-        assert train.resolve_device("auto").type == "cpu"
+        assert devices.resolve_device("auto").type == "cpu"
         with pytest.raises(ValueError, match="train.device: cuda requested"):
-            train.resolve_device("cuda")
+            devices.resolve_device("cuda")
 
 
 def test_without_a_val_split_every_non_test_board_trains_and_the_last_epoch_is_kept(tiny_pipeline, tmp_path):
-    from pcb_aoi import split
-    from pcb_aoi.dataset import split_ids
+    from pcb_aoi.data import split
+    from pcb_aoi.data.dataset import split_ids
 
     d, p = tiny_pipeline
     split.run(dataclasses.replace(p.split, val_fraction=0.0), p.seed, p.classes, d / "clean", tmp_path / "split")
     assert split_ids(tmp_path / "split", "val") == []
     assert split_ids(tmp_path / "split", "test") == split_ids(d / "split", "test"), "the test boards do not move"
     cfg = dataclasses.replace(p.train, epochs=2)
-    report = train.run(cfg, p.seed, p.classes, d / "augmented", d / "clean", tmp_path / "split",
+    report = training.run(cfg, p.seed, p.classes, d / "augmented", d / "clean", tmp_path / "split",
                        tmp_path / "models/model.pt", tmp_path / "live")
     assert report["val_map50"] is None and report["val_map"] is None and report["best_epoch"] == 1
     assert torch.load(tmp_path / "models/model.pt", weights_only=True)["provenance"]["epoch"] == 1
@@ -246,14 +246,14 @@ def test_width_jitter_grows_or_shrinks_copper_alike_in_test_and_template_and_is_
     copper = lambda img: int((img < 128).sum())  # noqa: E731
     changes = set()
     for seed in range(20):
-        a, b = train.jitter_copper_width(test, template, 1.0, seed)
-        assert np.array_equal(a, train.jitter_copper_width(test, template, 1.0, seed)[0]), "same seed, same draw"
+        a, b = crops.jitter_copper_width(test, template, 1.0, seed)
+        assert np.array_equal(a, crops.jitter_copper_width(test, template, 1.0, seed)[0]), "same seed, same draw"
         grew = copper(a) > copper(test)
         assert grew == (copper(b) > copper(template)), "test and template get the same filter"
         assert copper(a) != copper(test)
         changes.add(grew)
     assert changes == {True, False}, "both thicker and thinner copper are drawn"
-    a, b = train.jitter_copper_width(test, template, 0.0, 0)
+    a, b = crops.jitter_copper_width(test, template, 0.0, 0)
     assert a is test and b is template
 
 
@@ -263,9 +263,9 @@ def test_decoded_image_cache_gives_the_same_crops_and_cannot_be_edited(tiny_pipe
     d, p = tiny_pipeline
     ds = Dataset.load(d / "augmented")
     args = (ds, p.classes, True, 64, p.seed, True, 0.2, 0.5)
-    cached, read = train.PairDataset(*args, cache_mb=4096), train.PairDataset(*args, cache_mb=0)
+    cached, read = crops.PairDataset(*args, cache_mb=4096), crops.PairDataset(*args, cache_mb=0)
     assert cached.cache is not None and read.cache is None
-    assert train.PairDataset(*args, cache_mb=cached._decoded_mb() / 2).cache is None, "over budget: read every time"
+    assert crops.PairDataset(*args, cache_mb=cached._decoded_mb() / 2).cache is None, "over budget: read every time"
     for epoch in (0, 3):
         cached.set_epoch(epoch)
         read.set_epoch(epoch)
@@ -282,8 +282,8 @@ def test_template_shift_moves_half_the_templates_by_at_most_the_limit_and_is_see
     template[50, 60] = 0  # one dark pixel to follow
     moved = 0
     for seed in range(200):
-        out = train.shift_template(template, 5, seed)
-        assert out.shape == template.shape and np.array_equal(out, train.shift_template(template, 5, seed))
+        out = crops.shift_template(template, 5, seed)
+        assert out.shape == template.shape and np.array_equal(out, crops.shift_template(template, 5, seed))
         y, x = np.argwhere(out == 0)[0]
         assert abs(y - 50) <= 5 and abs(x - 60) <= 5 and (out == 0).sum() == 1
         moved += (y, x) != (50, 60)
@@ -294,41 +294,41 @@ def test_background_crops_cut_some_crops_away_from_every_defect_and_are_seeded(t
     d, p = tiny_pipeline
     ds = Dataset.load(d / "augmented")
 
-    def crops(fraction):
-        data = train.PairDataset(ds, p.classes, True, 64, p.seed, background_crops=fraction)
+    def cut(fraction):
+        data = crops.PairDataset(ds, p.classes, True, 64, p.seed, background_crops=fraction)
         out = []
         for epoch in range(3):
             data.set_epoch(epoch)
             out += [data[i] for i in range(len(data))]
         return out
 
-    around, anywhere = crops(0.0), crops(0.5)
+    around, anywhere = cut(0.0), cut(0.5)
     assert all(len(boxes) > 0 for _, boxes, _ in around), "by default every crop holds a defect"
     empty = sum(len(boxes) == 0 for _, boxes, _ in anywhere)
     assert 0 < empty < len(anywhere), "some crops (not all) hold no defect"
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(anywhere, crops(0.5))), "same seed, same crops"
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(anywhere, cut(0.5))), "same seed, same crops"
 
 
 def test_precision_auto_resolves_per_injected_cpu_and_emulated_bf16_warns():
-    from pcb_aoi.machine import Cpu
+    from pcb_aoi.edge.machine import Cpu
 
     cpu = torch.device("cpu")
     avx2 = Cpu("AMD EPYC 7B12", "x86_64", frozenset({"avx2"}))
     bf16 = Cpu("AMD EPYC 9B14", "x86_64", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}))
     amx = Cpu("Intel Xeon Platinum 8481C", "x86_64", frozenset({"avx2", "avx512f", "amx_bf16", "amx_int8"}))
     graviton3 = Cpu("Neoverse-V1", "aarch64", frozenset({"asimd", "bf16"}))
-    assert train.resolve_precision("auto", cpu, avx2) == ("fp32", None)
+    assert devices.resolve_precision("auto", cpu, avx2) == ("fp32", None)
     for native in (bf16, amx, graviton3):
-        assert train.resolve_precision("auto", cpu, native) == ("bf16", None)
-        assert train.resolve_precision("bf16", cpu, native) == ("bf16", None)
-    precision, warning = train.resolve_precision("bf16", cpu, avx2)
+        assert devices.resolve_precision("auto", cpu, native) == ("bf16", None)
+        assert devices.resolve_precision("bf16", cpu, native) == ("bf16", None)
+    precision, warning = devices.resolve_precision("bf16", cpu, avx2)
     assert precision == "bf16", "an explicit choice is kept, never silently changed"
     assert "AMD EPYC 7B12" in warning and "emulated" in warning and "2.6x slower" in warning
-    assert train.resolve_precision("fp32", cpu, bf16) == ("fp32", None)
+    assert devices.resolve_precision("fp32", cpu, bf16) == ("fp32", None)
 
 
 def test_train_report_records_precision_as_run_and_the_machine(tiny_pipeline, tmp_path):
-    from pcb_aoi import machine
+    from pcb_aoi.edge import machine
 
     report = run_train(tiny_pipeline, tmp_path, epochs=1, precision="auto")
     assert report["precision_requested"] == "auto"

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from pcb_aoi import review, untracked
+from pcb_aoi.evaluation import review
+from pcb_aoi.pipeline import untracked
 
 WORKFLOW = ROOT / ".github/workflows/review.yml"
 EXTERNAL = {"pip", "gh", "echo"}  # on GitHub's runners; `dvc` and the project's scripts are checked below
@@ -111,3 +112,30 @@ def test_remote_credentials_from_the_environment(azurite, tmp_path):
         (dst / name).write_text((src / name).read_text())
     sh(dst, "dvc", "pull", "-q")
     assert (dst / "model.bin").read_bytes() == b"weights" * 1000
+
+
+def test_test_workflow_runs_make_test_on_push_and_pull_request():
+    """test.yml runs the README's test command, as .ci/run does, with the Python the project supports."""
+    wf = yaml.safe_load((ROOT / ".github/workflows/test.yml").read_text())
+    on = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` key as True
+    assert {"push", "pull_request"} <= set(on)
+    job = wf["jobs"]["test"]
+    assert job["runs-on"] == "ubuntu-latest"
+    python = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/setup-python@"))
+    assert str(python["with"]["python-version"]) == "3.11"
+    runs = [line.strip() for s in job["steps"] for line in s.get("run", "").splitlines()]
+    assert "make test" in runs and "make test" in (ROOT / ".ci/run").read_text()
+
+
+def test_every_console_script_and_module_command_resolves():
+    """pcb-aoi-* point at functions that exist, and the README's `python -m` commands start."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+ (tomllib)")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"pcb-aoi-review", "pcb-aoi-check-deps", "pcb-aoi-detect", "pcb-aoi-remote"}
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+    for module in ("pcb_aoi.review", "pcb_aoi.remote", "pcb_aoi.pipeline.untracked", "pcb_aoi.pipeline.deps",
+                   "pcb_aoi.edge.app"):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.startswith("usage:"), f"python -m {module}: {r.stderr}"

@@ -8,8 +8,8 @@ from pathlib import Path
 # in a copy of the repo, and must run the copy's code (the code its dvc.lock records).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pcb_aoi import benchmark
-from pcb_aoi.cli import run_stage
+from pcb_aoi.deploy import benchmark
+from pcb_aoi.pipeline.cli import run_stage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
@@ -22,5 +22,6 @@ if __name__ == "__main__":
     ap.add_argument("--train-report", help="train stage summary (seconds per epoch, peak memory) for compute sizing")
     ap.add_argument("--data", nargs="*", default=[], help="dataset folders whose size on disk to report")
     ap.add_argument("--plots", help="folder for the latency-vs-mAP plot data")
-    run_stage(ap, lambda p, a: benchmark.run(p.benchmark, a.model, a.onnx, a.clean, a.split, a.out, a.int8,
-                                             a.train_report, p.train, a.data, a.plots))
+    run_stage(ap, lambda p, a: benchmark.run(
+        p.benchmark, benchmark.Inputs(a.model, a.onnx, a.clean, a.split, a.int8, a.train_report, tuple(a.data)),
+        a.out, train_step=benchmark.TrainStep(p.train.batch_size, p.train.crop_size), plots_dir=a.plots))

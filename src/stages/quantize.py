@@ -9,8 +9,8 @@ from pathlib import Path
 # in a copy of the repo, and must run the copy's code (the code its dvc.lock records).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pcb_aoi import quantize
-from pcb_aoi.cli import run_stage
+from pcb_aoi.deploy import quantize
+from pcb_aoi.pipeline.cli import run_stage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

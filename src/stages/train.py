@@ -15,8 +15,8 @@ from pathlib import Path
 # in a copy of the repo, and must run the copy's code (the code its dvc.lock records).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pcb_aoi import train
-from pcb_aoi.cli import run_stage
+from pcb_aoi.model import training
+from pcb_aoi.pipeline.cli import run_stage
 
 if __name__ == "__main__":
     launcher = os.environ.get("PCB_AOI_TORCHRUN", "").strip()
@@ -35,4 +35,4 @@ if __name__ == "__main__":
     ap.add_argument("--split", required=True, help="folder holding split.parquet")
     ap.add_argument("--model", required=True, help="checkpoint to write (best validated epoch)")
     ap.add_argument("--live", required=True, help="dvclive folder (learning curves)")
-    run_stage(ap, lambda p, a: train.run(p.train, p.seed, p.classes, a.train, a.clean, a.split, a.model, a.live))
+    run_stage(ap, lambda p, a: training.run(p.train, p.seed, p.classes, a.train, a.clean, a.split, a.model, a.live))

@@ -1,0 +1,148 @@
+"""The canonical dataset on disk, and atomic writes so a failed stage never leaves half an output.
+
+A dataset is a folder holding image files and two parquet manifests:
+
+- ``images.parquet``: one row per image: ``image_id``, ``path`` and ``template_path`` (relative to
+  the folder; template empty when the source has none), ``width``, ``height``, ``board_id``,
+  ``source_split`` (empty when the source has none).
+- ``boxes.parquet``: one row per box: ``image_id``, ``class_name``, ``x1, y1, x2, y2`` in pixels.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+
+IMAGE_COLUMNS = ["image_id", "path", "template_path", "width", "height", "board_id", "source_split"]
+BOX_COLUMNS = ["image_id", "class_name", "x1", "y1", "x2", "y2"]
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """Yield a fresh temp folder beside ``out``; on success it replaces ``out`` in one rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; it is renamed onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@dataclass
+class Dataset:
+    """Manifests of one dataset folder; image paths resolve against ``root``."""
+
+    root: Path
+    images: pd.DataFrame
+    boxes: pd.DataFrame
+
+    @classmethod
+    def load(cls, root: str | Path) -> "Dataset":
+        root = Path(root)
+        for name in ("images.parquet", "boxes.parquet"):
+            if not (root / name).is_file():
+                raise FileNotFoundError(f"{root / name}: manifest missing; run the stage that writes {root}")
+        return cls(root, pd.read_parquet(root / "images.parquet"), pd.read_parquet(root / "boxes.parquet"))
+
+    def save(self, root: str | Path) -> None:
+        """Write the manifests into ``root`` (image files are the caller's business)."""
+        root = Path(root)
+        self.images[IMAGE_COLUMNS].to_parquet(root / "images.parquet", index=False)
+        self.boxes[BOX_COLUMNS].to_parquet(root / "boxes.parquet", index=False)
+
+    def annotations(self, image_ids, classes: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+        """Ground truth per image: {"boxes": (N, 4) float32 xyxy px, "labels": (N,) int64 class index}."""
+        index = {c: k for k, c in enumerate(classes)}
+        out = {}
+        for image_id in image_ids:
+            b = self.boxes_of(image_id)
+            out[image_id] = {"boxes": b[["x1", "y1", "x2", "y2"]].to_numpy(np.float32).reshape(-1, 4),
+                             "labels": b["class_name"].map(index).to_numpy(np.int64)}
+        return out
+
+    def rows(self, image_ids) -> list:
+        """Image rows (namedtuples) for ``image_ids``, in that order."""
+        return list(self.images.set_index("image_id").loc[list(image_ids)].reset_index().itertuples(index=False))
+
+    def boxes_of(self, image_id: str) -> pd.DataFrame:
+        return self._groups.get(image_id, self.boxes.iloc[:0])
+
+    @property
+    def _groups(self) -> dict[str, pd.DataFrame]:
+        if not hasattr(self, "_g"):
+            self._g = {k: g for k, g in self.boxes.groupby("image_id", sort=False)}
+        return self._g
+
+
+def split_ids(split_dir: str | Path, name: str) -> list[str]:
+    """Image ids of split ``name`` (train / val / test) in ``split_dir/split.parquet``."""
+    table = pd.read_parquet(Path(split_dir) / "split.parquet")
+    return table.loc[table["split"] == name, "image_id"].tolist()
+
+
+def test_ids(split_dir: str | Path) -> list[str]:
+    """Image ids of the test split; ValueError when it is empty (nothing to score a model on)."""
+    ids = split_ids(split_dir, "test")
+    if not ids:
+        raise ValueError(f"{split_dir}/split.parquet: the test split is empty")
+    return ids
+
+
+def make_images_frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=IMAGE_COLUMNS)
+    return df.astype({"width": "int32", "height": "int32"})
+
+
+def make_boxes_frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=BOX_COLUMNS)
+    return df.astype({c: "float32" for c in ("x1", "y1", "x2", "y2")})
+
+
+REGISTRATION = "registration.json"  # in a clean dataset folder: {"max_px": N} when etl registered its pairs
+
+
+def registration_px(root: str | Path) -> int:
+    """The registration search range etl applied to the pairs in ``root`` (0: pairs as given)."""
+    path = Path(root) / REGISTRATION
+    return int(json.loads(path.read_text())["max_px"]) if path.is_file() else 0
+
+
+def per_class_counts(boxes: pd.DataFrame, classes: tuple[str, ...]) -> dict[str, int]:
+    counts = boxes["class_name"].value_counts()
+    return {c: int(counts.get(c, 0)) for c in classes}

@@ -1,0 +1,106 @@
+"""ingest: bring a source (synthetic, or a DeepPCB / VOC / YOLO / COCO folder from a local path,
+an https archive or Azure Blob) into the canonical dataset layout (see ``dataset.py``)."""
+from __future__ import annotations
+
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from ..pipeline.config import IngestConfig, SynthConfig
+from .dataset import Dataset, atomic_dir, make_boxes_frame, make_images_frame, per_class_counts
+from .readers import READERS, DataError
+from .sources import resolve
+
+
+def _write_board(cfg: SynthConfig, seed: int, out: Path, b: int) -> tuple[list[dict], list[dict]]:
+    from .synth import board_samples
+
+    images, boxes = [], []
+    for i, s in enumerate(board_samples(cfg, seed, b)):
+        image_id = f"b{b:03d}_{i:03d}"
+        test, temp = f"images/{image_id}_test.png", f"images/{image_id}_temp.png"
+        Image.fromarray(s.test).save(out / test)
+        Image.fromarray(s.template).save(out / temp)
+        h, w = s.test.shape
+        images.append(dict(image_id=image_id, path=test, template_path=temp, width=w, height=h,
+                           board_id=f"board{b:03d}", source_split=""))
+        boxes += [dict(image_id=image_id, class_name=d.cls, x1=d.box[0], y1=d.box[1], x2=d.box[2], y2=d.box[3])
+                  for d in s.defects]
+    return images, boxes
+
+
+def ingest_synthetic(cfg: SynthConfig, seed: int, out: Path, workers: int | None = None) -> Dataset:
+    """Render the synthetic dataset into ``out`` (already existing, empty)."""
+    (out / "images").mkdir()
+    workers = workers or min(os.cpu_count() or 1, cfg.boards)
+    job = partial(_write_board, cfg, seed, out)
+    with ProcessPoolExecutor(workers) as pool:
+        results = list(tqdm(pool.map(job, range(cfg.boards)), total=cfg.boards, desc="ingest: boards", unit="board"))
+    images = [r for imgs, _ in results for r in imgs]
+    boxes = [r for _, bxs in results for r in bxs]
+    return Dataset(out, make_images_frame(images), make_boxes_frame(boxes))
+
+
+def _size(path: Path) -> tuple[int, int]:
+    """(width, height) from the header; (0, 0) when unreadable (etl rejects it with the reason)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError):
+        return 0, 0
+
+
+def map_classes(boxes: list[dict], class_map: dict[str, str], classes: tuple[str, ...]) -> None:
+    """Rename source classes in place; an unmapped unknown class is an error listing the known ones."""
+    unknown = sorted({b["class_name"] for b in boxes} - set(class_map) - set(classes))
+    if unknown:
+        raise DataError(f"unknown class(es) {unknown} in the source; known: {list(classes)}. "
+                        f"Map them with ingest.class_map, e.g. -S 'ingest.class_map.{unknown[0]}={classes[0]}'")
+    for b in boxes:
+        b["class_name"] = class_map.get(b["class_name"], b["class_name"])
+
+
+def ingest_folder(cfg: IngestConfig, classes: tuple[str, ...], root: Path, out: Path) -> Dataset:
+    """Read ``root`` with the reader of ``cfg.source`` and copy its images into ``out/images``."""
+    images, boxes = READERS[cfg.source](root, cfg.board_regex)
+    map_classes(boxes, cfg.class_map, classes)
+    dup = pd.Series([r["image_id"] for r in images]).duplicated()
+    if dup.any():
+        raise DataError(f"{root}: image id {images[int(dup.idxmax())]['image_id']!r} appears twice (same file stem)")
+    (out / "images").mkdir()
+    sizes = {}
+    for r in tqdm(images, desc="ingest: copy", unit="img"):
+        for col, tag in (("path", "test"), ("template_path", "temp")):
+            if r[col]:
+                src = Path(r[col])
+                r[col] = f"images/{r['image_id']}_{tag}{src.suffix.lower()}"
+                shutil.copyfile(src, out / r[col])
+        r["width"], r["height"] = sizes[r["image_id"]] = _size(out / r["path"])
+    for b in boxes:
+        if b.pop("normalised", False):  # YOLO: relative to the image size
+            w, h = sizes[b["image_id"]]
+            b.update(x1=b["x1"] * w, x2=b["x2"] * w, y1=b["y1"] * h, y2=b["y2"] * h)
+    return Dataset(out, make_images_frame(images), make_boxes_frame(boxes))
+
+
+def run(cfg: IngestConfig, seed: int, classes: tuple[str, ...], out: str | Path) -> dict:
+    """Write the canonical dataset to ``out`` atomically; return the ``reports/ingest.json`` summary."""
+    with atomic_dir(out) as tmp:
+        if cfg.source == "synthetic":
+            ds = ingest_synthetic(cfg.synthetic, seed, tmp)
+        else:
+            ds = ingest_folder(cfg, classes, resolve(cfg.uri, cfg.sha256), tmp)
+        ds.save(tmp)
+    return {
+        "source": cfg.source,
+        "images": int(len(ds.images)),
+        "boxes": int(len(ds.boxes)),
+        "boards": int(ds.images["board_id"].nunique()),
+        "per_class": per_class_counts(ds.boxes, classes),
+    }

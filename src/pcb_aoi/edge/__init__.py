@@ -1,0 +1,17 @@
+"""What runs on the edge box, without PyTorch: the model contract, image decoding and registration, the
+ONNX Runtime model and its numpy decoding, the INT8 formats and CPU checks, and the pcb-aoi-detect app."""
+from .._lazy import exports
+
+EXPORTS = {
+    "CONTRACT_KEY": "contract", "CONTRACT_FORMAT": "contract", "INPUT": "contract", "OUTPUTS": "contract",
+    "E2E_OUTPUTS": "contract", "TOP_K": "contract", "NMS_IOU": "contract", "MIN_SCORE": "contract",
+    "PROVIDERS": "contract", "PROVIDER_OPTIONS": "contract",
+    "EdgeModel": "runtime", "EdgeError": "runtime", "Detection": "runtime", "decode": "runtime",
+    "read_grey": "runtime", "read_pair": "runtime", "ort_session": "runtime", "load_model": "runtime",
+    "detect": "runtime",
+    "register_template": "preprocess", "PAD_MULTIPLE": "preprocess", "PAD_VALUES": "preprocess",
+    "Cpu": "machine", "cpu": "machine", "FORMATS": "int8", "Int8Format": "int8", "verdict": "int8",
+    "Inspector": "app",
+}
+__all__ = sorted(EXPORTS)
+__getattr__, __dir__ = exports(__name__, EXPORTS)
