@@ -18,7 +18,6 @@ gets and their int16 saturation shows. Emulated latency means nothing and is not
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -124,7 +123,7 @@ def main() -> None:
         return
 
     from pcb_aoi.deploy.quantize import calibration_inputs, quantize
-    from pcb_aoi.pipeline.config import load_params
+    from pcb_aoi.pipeline.config import load_params, to_dict
 
     base = load_params(args.params).quantize
     work = Path(args.keep or tempfile.mkdtemp(prefix="int8-formats-"))
@@ -134,11 +133,11 @@ def main() -> None:
     models = {"fp32": str(Path(args.onnx).resolve())}
     for fmt in args.formats:
         path = work / f"model.{fmt}.onnx"
-        quantize(dataclasses.replace(base, format=fmt), Path(args.onnx), path, inputs)
+        quantize(base.model_copy(update={"format": fmt}), Path(args.onnx), path, inputs)
         models[fmt] = str(path)
     here = score_models(models, args.clean, args.split, args.limit)
     timing = time_models(models, args.clean, args.split, args.rounds, args.warmup)
-    result = {"machine": here["machine"], "test_images": here["test_images"], "quantize": dataclasses.asdict(base),
+    result = {"machine": here["machine"], "test_images": here["test_images"], "quantize": to_dict(base),
               "rows": {k: {**here["scores"][k], **timing[k]} for k in models}}
     if args.emulate_cpu:
         emu = emulated_scores(args.emulate_cpu, models, args.clean, args.split, args.emulate_limit or args.limit)

@@ -121,8 +121,9 @@ def test_export_stage_keeps_previous_onnx_when_gate_fails(tmp_path, tiny_pipelin
     ids = Dataset.load(d / "clean").images["image_id"].tolist()
     out = tmp_path / "model.onnx"
     out.write_bytes(b"previous model")
+    unreachable = ExportConfig(parity_images=2).model_copy(update={"parity_atol": -1.0})  # params.yaml refuses it
     with pytest.raises(export.ParityError):
-        export.run(ExportConfig(parity_images=2, parity_atol=-1.0), tmp_path / "m.pt", d / "clean", ids, out)
+        export.run(unreachable, tmp_path / "m.pt", d / "clean", ids, out)
     assert out.read_bytes() == b"previous model"
     report = export.run(ExportConfig(parity_images=2), tmp_path / "m.pt", d / "clean", ids, out)
     assert report["same_detections"] and out.stat().st_size > 1000

@@ -59,7 +59,8 @@ def test_gate_failure_keeps_the_previous_int8_model(fp32, tiny_pipeline, tmp_pat
     d, _ = tiny_pipeline
     out = tmp_path / "model.int8.onnx"
     out.write_bytes(b"previous int8 model")
-    cfg = QuantizeConfig(calibration_images=2, max_map50_drop=-1.0)  # no model can pass: the gate must fire
+    # below the range params.yaml allows (model_copy does not validate): no model can pass, the gate must fire
+    cfg = QuantizeConfig(calibration_images=2).model_copy(update={"max_map50_drop": -1.0})
     with pytest.raises(quantize.AccuracyGateError, match=r"a drop of .* > quantize.max_map50_drop -1.0"):
         quantize.run(cfg, fp32, d / "augmented", d / "clean", d / "split", out)
     assert out.read_bytes() == b"previous int8 model"
@@ -260,7 +261,7 @@ def test_default_int8_model_gives_the_same_outputs_on_an_emulated_avx2_cpu(int8_
 def test_gate_failure_of_a_saturating_format_says_which_format_to_use(fp32, tiny_pipeline, tmp_path, monkeypatch):
     d, _ = tiny_pipeline
     monkeypatch.setattr(machine, "cpu", lambda: AVX2)  # the gate runs on an AVX2-only CPU
-    cfg = QuantizeConfig(calibration_images=2, max_map50_drop=-1.0, format="u8s8")
+    cfg = QuantizeConfig(calibration_images=2, format="u8s8").model_copy(update={"max_map50_drop": -1.0})
     with pytest.raises(quantize.AccuracyGateError, match=r"u8s8 .* loses accuracy on AMD EPYC 7B12 \(x86_64; avx2\).*"
                                                          r"quantize.format: u8s7.*Measured on AMD EPYC 7B12"):
         quantize.run(cfg, fp32, d / "augmented", d / "clean", d / "split", tmp_path / "m.onnx")

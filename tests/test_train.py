@@ -1,6 +1,5 @@
 """Training mechanisms on tiny data: determinism, resume after a kill, NaN stop, incompatible
 checkpoints, DDP under torchrun with 2 CPU processes (gloo)."""
-import dataclasses
 import json
 import os
 import signal
@@ -28,7 +27,7 @@ def same_weights(a, b) -> bool:
 
 def run_train(tiny_pipeline, out, **over):
     d, p = tiny_pipeline
-    cfg = dataclasses.replace(p.train, **over)
+    cfg = p.train.model_copy(update=over)
     return training.run(cfg, p.seed, p.classes, d / "augmented", d / "clean", d / "split", out / "models" / "model.pt",
                      out / "live")
 
@@ -154,7 +153,7 @@ def test_ema_warms_up_then_averages_weights_and_batchnorm_statistics():
 def test_incompatible_resume_point_is_ignored_saying_which_keys_differ(tiny_pipeline, tmp_path, capsys):
     d, p = tiny_pipeline
     last = tmp_path / "models/checkpoints/last.pt"
-    fp = resume.fingerprint(dataclasses.replace(p.train, lr=0.5), p.seed, p.classes, d / "augmented", [], 1)
+    fp = resume.fingerprint(p.train.model_copy(update={"lr": 0.5}), p.seed, p.classes, d / "augmented", [], 1)
     net = network.Detector(network.DetectorConfig(num_classes=6, width=p.train.model.width))
     opt = torch.optim.AdamW(net.parameters())
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.5, total_steps=10)
@@ -226,10 +225,10 @@ def test_without_a_val_split_every_non_test_board_trains_and_the_last_epoch_is_k
     from pcb_aoi.data.dataset import split_ids
 
     d, p = tiny_pipeline
-    split.run(dataclasses.replace(p.split, val_fraction=0.0), p.seed, p.classes, d / "clean", tmp_path / "split")
+    split.run(p.split.model_copy(update={"val_fraction": 0.0}), p.seed, p.classes, d / "clean", tmp_path / "split")
     assert split_ids(tmp_path / "split", "val") == []
     assert split_ids(tmp_path / "split", "test") == split_ids(d / "split", "test"), "the test boards do not move"
-    cfg = dataclasses.replace(p.train, epochs=2)
+    cfg = p.train.model_copy(update={"epochs": 2})
     report = training.run(cfg, p.seed, p.classes, d / "augmented", d / "clean", tmp_path / "split",
                        tmp_path / "models/model.pt", tmp_path / "live")
     assert report["val_map50"] is None and report["val_map"] is None and report["best_epoch"] == 1

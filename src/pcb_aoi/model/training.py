@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import resource
 import time
@@ -172,7 +171,7 @@ def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_di
     ctx = Context(cfg, seed, classes, clean, clean_dir, val_ids, use_template, model_out, ddp, device, precision)
     parts = build(ctx, train_ds)
     # As run: an `auto` run resumed on a machine that resolves it otherwise starts over.
-    fp = fingerprint(dataclasses.replace(cfg, precision=precision), seed, classes, train_dir, val_ids, ddp.world)
+    fp = fingerprint(cfg.model_copy(update={"precision": precision}), seed, classes, train_dir, val_ids, ddp.world)
     progress = restore(ctx, parts, load_resume(ctx.resume_path, fp) if cfg.resume else None)
     fit(ctx, parts, progress, fp, live_dir)
     if ddp.main:
