@@ -1,9 +1,10 @@
+import json
 import subprocess
 import sys
 
 import pytest
 
-from pcb_aoi.pipeline.config import ConfigError, load_params
+from pcb_aoi.pipeline.config import ConfigError, SynthConfig, load_params, to_dict
 from conftest import ROOT
 
 
@@ -32,7 +33,55 @@ def test_bad_params_name_the_key(tiny_params, over, key):
 
 
 def test_int_accepted_where_float_expected(tiny_params):
-    assert load_params(tiny_params({"train": {"lr": 1}})).train.lr == 1.0
+    p = load_params(tiny_params({"train": {"lr": 1}}))
+    assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
+    assert json.dumps(to_dict(p.train)["lr"]) == "1.0"  # the resume fingerprint sees what it saw before
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"train": {"model": {"blocks": [1, -1, 2]}}}, "train.model.blocks[1]: must be greater than or equal to 0, got -1"),
+    ({"ingest": {"synthetic": {"class_mix": {"open": "lots"}}}},
+     "ingest.synthetic.class_mix.open: expected a number, got 'lots' (str)"),
+    ({"ingest": {"synthetic": {"jpeg_quality": [75, 100]}}},
+     "ingest.synthetic.jpeg_quality[1]: must be less than or equal to 95, got 100"),
+    ({"train": {"epochs": True}}, "train.epochs: expected an integer, got True (bool)"),
+    ({"train": {"precision": "fp16"}}, "train.precision: 'fp16' is not allowed; expected one of 'auto', 'fp32' or 'bf16'"),
+    ({"train": {"model": {"blocks": [1, 2]}}}, "train.model.blocks: expected a list of 3 values, got [1, 2]"),
+    ({"train": {"model": {"stryde": 4}}}, "train.model.stryde: unknown key; allowed under train.model: use_template, "
+                                          "width, stride, blocks"),
+])
+def test_error_names_the_nested_key_the_value_and_what_is_allowed(tiny_params, over, message):
+    with pytest.raises(ConfigError) as e:
+        load_params(tiny_params(over))
+    assert str(e.value).startswith(message)
+
+
+def test_every_problem_is_listed_not_only_the_first(tiny_params):
+    over = {"train": {"lr": "fast", "epochz": 3, "model": {"blocks": [1, 9, 2]}}, "split": {"test_fraction": 0.9},
+            "ingest": {"source": "sinthetic"}}
+    with pytest.raises(ConfigError) as e:
+        load_params(tiny_params(over))
+    head, *lines = str(e.value).splitlines()
+    assert head == "5 problems:"
+    for key in ("ingest.source: 'sinthetic'", "split.val_fraction + split.test_fraction", "train.lr: expected a number",
+                "train.epochz: unknown key", "train.model.blocks[1]: must be less than or equal to 8, got 9"):
+        assert sum(line.strip().startswith(key) for line in lines) == 1, (key, lines)
+
+
+def test_sections_are_frozen_typed_and_validated_on_construction():
+    cfg = SynthConfig(defects_per_image=(4, 6))
+    assert cfg.defects_per_image == (4, 6) and cfg.model_copy(update={"boards": 3}).boards == 3
+    with pytest.raises(ValueError):
+        cfg.boards = 3
+    with pytest.raises(ValueError, match="multiple of 32"):
+        SynthConfig(image_size=100)
+
+
+def test_default_params_types_and_plain_view():
+    p = load_params(ROOT / "params.yaml")
+    assert isinstance(p.train.model.blocks, tuple) and isinstance(p.ingest.synthetic.class_mix, dict)
+    plain = to_dict(p)
+    assert plain["train"]["model"]["blocks"] == list(p.train.model.blocks) and plain["classes"] == list(p.classes)
 
 
 def test_stage_refuses_bad_params_before_any_work(tiny_params, tmp_path):
@@ -41,6 +90,7 @@ def test_stage_refuses_bad_params_before_any_work(tiny_params, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "src/stages/ingest.py"), "--params", str(params),
                         "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 2
+    assert r.stderr.startswith("error: ingest: params.yaml: ingest.synthetic.boards: expected an integer, got 'many'")
     assert "ingest.synthetic.boards" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
 

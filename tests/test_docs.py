@@ -15,9 +15,16 @@ PATHS = sorted({m for s in SPANS for m in re.findall(r"(?:src|tests|docs|benchma
 SYMBOLS = sorted({m for s in SPANS for m in re.findall(r"\bpcb_aoi(?:\.\w+)+", s)})
 
 
+def _fields(obj) -> set[str]:
+    """Field names of a dataclass or a pydantic model class (the config sections), else none."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name for f in dataclasses.fields(obj)}
+    return set(getattr(obj, "model_fields", None) or ()) if isinstance(obj, type) else set()
+
+
 def resolve(dotted: str):
     """The object ``dotted`` names: the longest importable module prefix, then attributes (dataclass
-    fields count)."""
+    and pydantic model fields count)."""
     parts = dotted.split(".")
     for i in range(len(parts), 0, -1):
         try:
@@ -25,7 +32,7 @@ def resolve(dotted: str):
         except ModuleNotFoundError:
             continue
         for name in parts[i:]:
-            if dataclasses.is_dataclass(obj) and name in {f.name for f in dataclasses.fields(obj)}:
+            if name in _fields(obj):
                 obj = None
                 continue
             obj = getattr(obj, name)  # AttributeError: the doc names something that does not exist
@@ -52,3 +59,9 @@ def test_a_name_that_does_not_exist_fails():
         resolve("pcb_aoi.edge.contract.NO_SUCH_NAME")
     with pytest.raises(AttributeError):
         resolve("pcb_aoi.no_such_package.x")
+
+
+def test_a_config_field_resolves():
+    assert resolve("pcb_aoi.pipeline.config.TrainConfig.epochs") is None  # a pydantic field, not an attribute
+    with pytest.raises(AttributeError):
+        resolve("pcb_aoi.pipeline.config.TrainConfig.epochz")
