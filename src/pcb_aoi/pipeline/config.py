@@ -8,13 +8,12 @@ rules between keys are validators on the section that holds them.
 """
 from __future__ import annotations
 
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator, \
-    model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator,
+                      model_validator)
 
 CLASSES: tuple[str, ...] = ("open", "short", "mousebite", "spur", "copper", "pin-hole")
 MAX_OVERLAYS = 100  # overlay PNGs live in git (reports/plots): keep their number bounded
@@ -257,7 +256,7 @@ def _describe(err: dict) -> str:
     if kind == "literal_error":
         return f"{key}: {got} is not allowed; expected one of {err['ctx']['expected']}"
     if kind == "missing" and loc and isinstance(loc[-1], int):  # a fixed-length list one short
-        return f"{parent}: expected a list of {len(typing.get_args(_annotation_at(loc[:-1])))} values, got {got}"
+        return f"{parent}: expected a list of {len(get_args(_annotation_at(loc[:-1])))} values, got {got}"
     if kind == "too_long":
         return f"{key}: expected a list of {err['ctx']['max_length']} values, got {got}"
     what = _EXPECTED.get(kind)
