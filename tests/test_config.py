@@ -26,6 +26,7 @@ def test_default_params_load():
     ({"ingest": {"synthetic": {"class_mix": {"scratch": 1.0}}}}, "ingest.synthetic.class_mix"),
     ({"ingest": {"synthetic": {"defects_per_image": [1]}}}, "ingest.synthetic.defects_per_image"),
     ({"split": {"test_fraction": 0.9}}, "split.val_fraction + split.test_fraction"),
+    ({"split": {"test_fraction": 0}}, "split.test_fraction: 0 holds out no test boards"),  # was a ZeroDivisionError
 ])
 def test_bad_params_name_the_key(tiny_params, over, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("+", r"\+")):

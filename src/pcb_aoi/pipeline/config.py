@@ -107,6 +107,9 @@ class SplitConfig(Section):
         if not 0 < self.val_fraction + self.test_fraction < 1:
             raise ValueError("split.val_fraction + split.test_fraction must be between 0 and 1, "
                              f"got {self.val_fraction} + {self.test_fraction}")
+        if self.test_fraction == 0 and self.strategy != "official":  # official: the source's test list
+            raise ValueError(f"split.test_fraction: 0 holds out no test boards (split.strategy: {self.strategy}), "
+                             "but evaluate, the INT8 gate and the benchmark score on them; use a fraction above 0")
         return self
 
 
