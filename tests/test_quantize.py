@@ -132,12 +132,12 @@ def test_full_range_int8_can_saturate_and_says_so_uint8_weights_cannot(int8_mode
     worst = max(255 * int(np.sort(np.abs(w.reshape(len(w), -1).astype(np.int64)), 1)[:, -2:].sum(1).max())
                 for w in conv_weights(path).values())
     assert worst > 32767  # what the default format exists to avoid
-    assert quantize.int16_pair_bounds(onnx.load(str(path))) and max(
-        v for v in quantize.int16_pair_bounds(onnx.load(str(path))).values()) == worst
+    bounds = quantize.int16_pair_bounds(quantize.quantized_conv_weights(onnx.load(str(path))))
+    assert bounds and max(bounds.values()) == worst
     assert runtime.EdgeModel(path).contract["int8"]["needs_vnni_on_x86"] is True
     u8, _ = int8_models["u8u8"]
     assert all(w.dtype == np.uint8 for w in conv_weights(u8).values())
-    assert set(quantize.int16_pair_bounds(onnx.load(str(u8))).values()) == {None}
+    assert set(quantize.int16_pair_bounds(quantize.quantized_conv_weights(onnx.load(str(u8)))).values()) == {None}
     # Where the gate ran and which CPUs the file is exact on travel in the report.
     assert report["gate_measured_on"]["cpu"]["model"] == machine.cpu().model
     assert report["exact_on_gate_machine"] == ("saturates" if machine.cpu().x86 and not machine.cpu().vnni else "exact")

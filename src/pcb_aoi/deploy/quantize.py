@@ -86,15 +86,15 @@ def quantized_conv_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
-def int16_pair_bounds(proto: onnx.ModelProto) -> dict[str, int | None]:
-    """Per quantized Conv: the largest |sum| of two uint8 x int8 products that an x86 CPU without VNNI
+def int16_pair_bounds(weights: dict[str, np.ndarray]) -> dict[str, int | None]:
+    """Per quantized Conv (``quantized_conv_weights``): the largest |sum| of two uint8 x int8 products that an x86 CPU without VNNI
     adds into int16 (None: uint8 weights, which ONNX Runtime never adds that way).
 
     Which two products are paired depends on how ONNX Runtime packs the weights, so this takes the two
     largest |weights| of each output channel: an upper bound for any pairing.
     """
     bounds = {}
-    for name, w in quantized_conv_weights(proto).items():
+    for name, w in weights.items():
         if w.dtype == np.uint8:
             bounds[name] = None
             continue
@@ -115,7 +115,7 @@ def check_format(proto: onnx.ModelProto, fmt: Int8Format, path: Path) -> None:
             raise FormatError(f"{path}: Conv {name} has {w.dtype} weights in [{w.min()}, {w.max()}], outside format "
                               f"{fmt.name}'s {fmt.weights} [{lo}, {hi}]")
     if not fmt.needs_vnni_on_x86:
-        over = {k: v for k, v in int16_pair_bounds(proto).items() if v is not None and v > INT16_MAX}
+        over = {k: v for k, v in int16_pair_bounds(weights).items() if v is not None and v > INT16_MAX}
         if over:
             raise FormatError(f"{path}: format {fmt.name} must not overflow int16, but pairs of products reach "
                               f"{over} (> {INT16_MAX})")
@@ -167,9 +167,9 @@ def run(cfg: QuantizeConfig, fp32_path: str | Path, train_dir: str | Path, clean
         fp32_m, _ = score(ort_runner(ort_session(fp32_path)), ds, ids, classes, use_template, 0.5)
         int8_m, _ = score(ort_runner(ort_session(tmp)), ds, ids, classes, use_template, 0.5)
         drop = round((fp32_m["map50"] or 0.0) - (int8_m["map50"] or 0.0), 6)
+        status, why = verdict(fmt.contract(), machine.cpu())
         if drop > cfg.max_map50_drop:
-            status, why = verdict(fmt.contract(), machine.cpu())
-            fix = (f"{why}" if status == "saturates" else "keep more layers in float (quantize.keep_float), try "
+            fix = (why if status == "saturates" else "keep more layers in float (quantize.keep_float), try "
                    "quantize.calibration: percentile, or more calibration_images")
             raise AccuracyGateError(
                 f"INT8 accuracy gate failed: test mAP@0.5 {int8_m['map50']} vs FP32 {fp32_m['map50']}, a drop of "
@@ -182,4 +182,4 @@ def run(cfg: QuantizeConfig, fp32_path: str | Path, train_dir: str | Path, clean
             "size_mb": round(size / 2**20, 3), "fp32_size_mb": round(fp32_path.stat().st_size / 2**20, 3),
             "format": fmt.name, "exact_on": fmt.summary,
             # The gate's numbers hold on another CPU only where the format is exact there too.
-            "gate_measured_on": machine.describe(), "exact_on_gate_machine": verdict(fmt.contract(), machine.cpu())[0]}
+            "gate_measured_on": machine.describe(), "exact_on_gate_machine": status}

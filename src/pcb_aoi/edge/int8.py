@@ -57,11 +57,6 @@ FORMATS = {
 }
 
 
-def pair_bound(weight_range: tuple[int, int]) -> int:
-    """The largest |sum| of two uint8 x weight products, as a non-VNNI x86 CPU adds them into int16."""
-    return UINT8_MAX * 2 * max(abs(weight_range[0]), abs(weight_range[1]))
-
-
 def verdict(int8: dict | None, cpu: Cpu) -> tuple[str, str]:
     """Whether an INT8 model computes on ``cpu`` what its accuracy gate measured.
 
