@@ -7,6 +7,10 @@ import pytest
 from conftest import TINY, copy_plot_templates, copy_project, merge, write_params
 
 TINY_CLASSES = ["open", "short", "mousebite", "spur", "copper", "pin-hole"]
+# Ten epochs at a higher rate: the tiny model then learns enough for a floor on its test AP (below).
+PIPELINE = merge(TINY, {"train": {"epochs": 10, "lr": 0.01}})
+# DeepPCB AP of detections scattered at random is about 0.001 here; the tiny pipeline reaches about 0.1.
+MIN_TINY_AP = 0.03
 STAGES = ["ingest", "etl", "split", "augment", "train", "evaluate", "export_onnx", "quantize", "benchmark"]
 
 
@@ -26,14 +30,14 @@ def changed(repo) -> set[str]:
 
 
 def set_params(repo, over):
-    write_params(repo / "params.yaml", merge(TINY, over))
+    write_params(repo / "params.yaml", merge(PIPELINE, over))
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     copy_project(repo)
-    write_params(repo / "params.yaml", TINY)
+    write_params(repo / "params.yaml", PIPELINE)
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "config", "user.email", "t@example.com")
     sh(repo, "git", "config", "user.name", "test")
@@ -50,6 +54,9 @@ def test_repro_writes_every_report(repo):
     m = json.loads((repo / "reports/metrics.json").read_text())
     assert {"map", "map50", "map33", "per_class", "escape_rate"} <= set(m)
     assert set(m["per_class"]) == set(TINY_CLASSES) and 0 <= m["map"] <= m["map50"] <= m["map33"] <= 1
+    assert m["deeppcb"]["ap"] >= MIN_TINY_AP, "the tiny pipeline did not learn"
+    op = json.loads((repo / "reports/operating_point.json").read_text())
+    assert op["score_threshold"] == m["score_threshold"] == m["deeppcb"]["score_threshold"] == 0.3
     ingest = json.loads((repo / "reports/ingest.json").read_text())
     assert ingest["images"] == 15 and ingest["boxes"] == sum(ingest["per_class"].values())
     bench = json.loads((repo / "reports/benchmark.json").read_text())
@@ -68,7 +75,13 @@ def test_repro_writes_every_report(repo):
     export = json.loads((repo / "reports/export.json").read_text())
     assert export["same_detections"] is True and export["end_to_end"]["same_detections"] is True
     quant = json.loads((repo / "reports/quantize.json").read_text())
-    assert quant["map50_drop"] <= quant["max_map50_drop"] and (repo / "models/model.int8.onnx").is_file()
+    assert quant["map50_drop"] <= quant["max_map50_drop"]
+    # the shipped files carry the operating point and the INT8 file its format (read back, not just present)
+    from pcb_aoi.edge.runtime import EdgeModel
+    for name, precision in (("model.onnx", "fp32"), ("model.e2e.onnx", "fp32"), ("model.int8.onnx", "int8")):
+        info = EdgeModel(repo / "models" / name).info()
+        assert info["precision"] == precision and info["score_threshold"] == op["score_threshold"], name
+    assert EdgeModel(repo / "models/model.int8.onnx").info()["int8"]["format"] == quant["format"]
     assert (repo / "reports/plots/confusion.csv").is_file()
     pr = (repo / "reports/plots/pr.csv").read_text().splitlines()
     assert pr[0] == "class,recall,precision" and {row.split(",")[0] for row in pr[1:]} <= set(TINY_CLASSES)
@@ -118,6 +131,14 @@ def test_an_edit_to_the_preprocessing_reruns_the_data_stages_that_use_it(repo):
 def test_an_edit_to_the_benchmark_reruns_only_the_benchmark(repo):
     assert edited(repo, "src/pcb_aoi/deploy/benchmark.py") == {"benchmark"}
     assert changed(repo) == set()
+
+
+def test_the_operating_point_reaches_the_models_through_its_file(repo):
+    set_params(repo, {"evaluate": {"score_threshold": 0.4}})
+    assert changed(repo) == {"evaluate"}  # export_onnx reads reports/operating_point.json, not the param
+    assert ran(sh(repo, "dvc", "repro").stdout) == ["evaluate", "export_onnx", "quantize", "benchmark"]
+    from pcb_aoi.edge.runtime import EdgeModel
+    assert EdgeModel(repo / "models/model.e2e.onnx").contract["score_threshold"] == 0.4
 
 
 def test_train_param_reruns_train_and_what_follows(repo):

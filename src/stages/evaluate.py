@@ -1,6 +1,8 @@
-"""DVC stage `evaluate`: score the checkpoint on the test split: COCO mAP, mAP@0.5, mAP@0.33 (DeepPCB
-protocol), per-class AP50/recall, escape rate; PR curves, confusion matrix and overlay pictures of true and predicted
-defects (a fixed sample and the worst misses / false alarms) as DVC plots."""
+"""DVC stage `evaluate`: choose the operating threshold on the validation split (`evaluate.operating_point`:
+fixed or auto), then score the checkpoint on the test split: DeepPCB's protocol (AP, precision, recall,
+F-score, escapes and false calls at the threshold), COCO mAP, mAP@0.5, AP@0.33, per-class AP50/recall;
+PR curves, confusion matrix and overlay pictures of true and predicted defects (a fixed sample and the
+worst misses / false alarms) as DVC plots."""
 import argparse
 import sys
 from pathlib import Path
@@ -19,5 +21,7 @@ if __name__ == "__main__":
     ap.add_argument("--split", required=True, help="folder holding split.parquet")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--plots", required=True, help="folder for PR-curve and confusion-matrix data and overlays/")
+    ap.add_argument("--operating-point", required=True,
+                    help="JSON to write: the operating threshold, how and on which split it was chosen")
     run_stage(ap, lambda p, a: evaluate.run(p.evaluate, a.model, a.clean, a.split, a.metrics, a.plots,
-                                            classes=p.classes))
+                                            a.operating_point, classes=p.classes))

@@ -2,7 +2,7 @@
 and NMS in the graph), both with dynamic batch and the preprocessing contract as metadata; run
 onnx.checker, and fail unless ONNX Runtime matches PyTorch on held-out test images (raw outputs within
 `export.parity_atol`, same detections). The default score threshold stored in the metadata is
-`evaluate.score_threshold`."""
+the operating point the evaluate stage chose (`--operating-point`, reports/operating_point.json)."""
 import argparse
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ from pathlib import Path
 # in a copy of the repo, and must run the copy's code (the code its dvc.lock records).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pcb_aoi.data.dataset import test_ids
+from pcb_aoi.data.dataset import read_json, test_ids
 from pcb_aoi.deploy import export
 from pcb_aoi.pipeline.cli import run_stage
 
@@ -22,5 +22,7 @@ if __name__ == "__main__":
     ap.add_argument("--split", required=True, help="folder holding split.parquet (parity uses test images)")
     ap.add_argument("--out", required=True, help="ONNX file to write (raw heatmap and box maps)")
     ap.add_argument("--out-e2e", help="ONNX file to write with decoding + NMS in the graph (final detections)")
+    ap.add_argument("--operating-point", required=True,
+                    help="operating_point.json written by evaluate: its score_threshold is the models' default")
     run_stage(ap, lambda p, a: export.run(p.export, a.model, a.clean, test_ids(a.split), a.out, a.out_e2e,
-                                          p.evaluate.score_threshold))
+                                          read_json(a.operating_point, "score_threshold")))

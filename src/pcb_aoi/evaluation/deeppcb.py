@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..edge.contract import MIN_SCORE  # 0.01: AP is computed from every detection decoded, scoring at least this
+
 IOU = 0.33  # a match needs IoU strictly above this
-MIN_SCORE = 0.01  # AP is computed from every decoded detection at or above this score
 
 # per image: {"boxes": (N, 4) float xyxy px, "labels": (N,) int} (+ "scores": (N,) for detections)
 Annotations = dict[str, dict[str, np.ndarray]]

@@ -1,8 +1,8 @@
 """Detection metrics: COCO-style AP with faster-coco-eval, plus the AOI operating point.
 
-``coco_metrics`` runs one COCO evaluation with IoU thresholds 0.33 (DeepPCB's own protocol) and
-0.50:0.05:0.95 (COCO), and reads ``map``, ``map50``, ``map33`` and per-class AP50 from its
-precision array. ``operating_point`` matches detections above the score threshold to ground truth
+``coco_metrics`` runs one COCO evaluation with IoU thresholds 0.33 and 0.50:0.05:0.95, and reads
+``map``, ``map50``, ``map33`` (COCO's 101-point interpolated AP at IoU 0.33, matched per class: *not*
+DeepPCB's protocol, which ``deeppcb.py`` implements) and per-class AP50 from its precision array. ``operating_point`` matches detections above the score threshold to ground truth
 (IoU >= 0.5, greedy by score) for per-class recall, the escape rate and a confusion matrix.
 """
 from __future__ import annotations

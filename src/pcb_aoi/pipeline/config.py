@@ -165,7 +165,11 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    score_threshold: Probability = 0.3  # operating point for recall and the confusion matrix
+    # fixed: score_threshold is the operating point; auto: the threshold with the fewest false calls
+    # on the validation split whose escape rate is at most max_escape_rate
+    operating_point: Literal["fixed", "auto"] = "fixed"
+    score_threshold: Probability = 0.3
+    max_escape_rate: Probability = 0.01
     # test images drawn with true and predicted boxes, the same ones every run
     overlay_samples: int = Field(8, ge=0, le=MAX_OVERLAYS)
     # and the test images with the most misses, then false alarms
