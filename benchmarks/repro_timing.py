@@ -25,16 +25,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # The DeepPCB recipe: reference-based with registered templates (etl.register_max_px=8), 192 px crops
 # holding defects, online flips/turns, scale and copper-width jitter, 160 epochs in bf16 mixed precision
 # where the CPU or GPU computes bf16 natively, fp32 elsewhere (train.precision=auto), width 16 with blocks
-# [1, 2, 3] (4.8 GFLOPs at 640 px, for the edge); one board group held out for test, every other group
-# trains (no val split: with seven board designs, one more design in training beats a validation curve).
+# [1, 2, 3] (4.8 GFLOPs at 640 px, for the edge); one board group held out for test and one for validation
+# by the default fractions (seed 0: test 20085, val 00041): the kept epoch and the INT8 gate are chosen on
+# the validation board, so the test board's scores stay unseen.
 PRESETS = {
-    "deeppcb": ["ingest.source=deeppcb", "split.val_fraction=0", "split.test_fraction=0.15", "train.epochs=160",
+    "deeppcb": ["ingest.source=deeppcb", "split.test_fraction=0.15", "train.epochs=160",
                 "train.crop_size=192", "train.flip_rotate=true", "train.scale_jitter=0.15",
                 "train.width_jitter=0.5", "train.model.width=16", "train.model.blocks=[1, 2, 3]",
                 "train.precision=auto", "etl.register_max_px=8", "train.template_shift=3"],
 }
 # The same at output stride 8 (fewer GFLOPs per 640 px pair, faster on the edge box), 80 epochs.
-PRESETS["deeppcb-s8"] = PRESETS["deeppcb"][:3] + ["train.epochs=80"] + PRESETS["deeppcb"][4:] + ["train.model.stride=8"]
+PRESETS["deeppcb-s8"] = ["train.epochs=80" if k.startswith("train.epochs=") else k for k in PRESETS["deeppcb"]] + [
+    "train.model.stride=8"]
 
 
 def apply_overrides(params: Path, overrides: list[str]) -> None:

@@ -99,3 +99,37 @@ def test_stage_refuses_bad_params_before_any_work(tiny_params, tmp_path):
 def test_stage_help_explains():
     r = subprocess.run([sys.executable, str(ROOT / "src/stages/train.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "dvclive" in r.stdout and "--params" in r.stdout
+
+
+@pytest.mark.parametrize("split, message", [
+    ({"val_groups": ["20085"], "test_groups": [20085]},
+     "split.val_groups and split.test_groups both name board '20085': validation and test boards must be different"),
+    ({"val_groups": ["00041"], "test_groups": [41]},  # YAML's 41 is the zero-padded DeepPCB group 00041
+     "split.val_groups and split.test_groups both name board '00041'"),
+    ({"strategy": "random", "val_groups": ["b1"]},
+     "split.val_groups / split.test_groups name boards, but split.strategy: random splits images"),
+    ({"strategy": "official", "test_groups": ["b1"]},
+     "split.test_groups: not allowed with split.strategy: official (the test split is the source's test list)"),
+    ({"val_fraction": 0}, "split.val_fraction: 0 (and no split.val_groups) leaves no validation split, so the "
+                          "training epoch kept and the INT8 accuracy gate would be chosen on the test boards"),
+    ({"val_groups": [True]}, "split.val_groups[0]: expected a string, got True (bool)"),
+])
+def test_split_rules_name_the_keys(tiny_params, split, message):
+    with pytest.raises(ConfigError) as e:
+        load_params(tiny_params({"split": split}))
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_no_val_split_is_refused_for_a_real_source_too_and_allowed_only_when_asked(tiny_params):
+    real = {"ingest": {"source": "deeppcb", "uri": "/data/DeepPCB"}}
+    with pytest.raises(ConfigError, match=r"split\.allow_no_val: true"):
+        load_params(tiny_params(real | {"split": {"val_fraction": 0}}))
+    p = load_params(tiny_params(real | {"split": {"val_fraction": 0, "allow_no_val": True}}))
+    assert p.split.val_fraction == 0 and p.split.allow_no_val
+    # named boards replace the fractions they stand for: val_fraction 0 with val_groups, test_fraction 0 with test_groups
+    p = load_params(tiny_params({"split": {"val_fraction": 0, "test_fraction": 0, "val_groups": [20085],
+                                           "test_groups": ["00041"]}}))
+    assert p.split.val_groups == ("20085",) and p.split.test_groups == ("00041",)  # ints become the strings they name
+    assert load_params(ROOT / "params.yaml").split.model_dump() == {
+        "strategy": "grouped", "val_fraction": 0.15, "test_fraction": 0.15, "val_groups": (), "test_groups": (),
+        "allow_no_val": False}

@@ -1,11 +1,17 @@
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
-from pcb_aoi.data import augment, etl
+from pcb_aoi.data import augment, etl, split
 from pcb_aoi.data.dataset import Dataset, make_boxes_frame, make_images_frame
-from pcb_aoi.pipeline.config import CLASSES, AugmentConfig, EtlConfig
+from pcb_aoi.pipeline.config import CLASSES, AugmentConfig, EtlConfig, SplitConfig, load_params
+from conftest import ROOT
+
+SHARED = ROOT.parent / "shared" / "datasets"
 
 
 def test_split_keeps_boards_apart(tiny_pipeline):
@@ -14,6 +20,77 @@ def test_split_keeps_boards_apart(tiny_pipeline):
     assert set(table["split"]) == {"train", "val", "test"}
     assert table.groupby("board_id")["split"].nunique().max() == 1
     assert len(table) == len(Dataset.load(d / "clean").images)
+
+
+BOARDS = ("00041", "13000", "20085", "44000", "50600")  # DeepPCB-like group ids, one zero-padded
+
+
+def _boards(tmp_path, per_board=3):
+    """Manifests only (the split stage reads no pixels): ``per_board`` images on each of BOARDS, one box each."""
+    root = tmp_path / "clean"
+    root.mkdir()
+    images = [dict(image_id=f"{b}_{i}", path=f"images/{b}_{i}.png", template_path="", width=64, height=64,
+                   board_id=b, source_split="") for b in BOARDS for i in range(per_board)]
+    boxes = [dict(image_id=r["image_id"], class_name=CLASSES[k % len(CLASSES)], x1=1, y1=1, x2=9, y2=9)
+             for k, r in enumerate(images)]
+    Dataset(root, make_images_frame(images), make_boxes_frame(boxes)).save(root)
+    return root
+
+
+def test_named_boards_are_exactly_the_val_and_test_splits_and_the_report_lists_them(tmp_path):
+    cfg = SplitConfig.model_validate({"val_groups": [41], "test_groups": ["20085"]})  # 41: YAML's unquoted 41
+    report = split.run(cfg, 0, CLASSES, _boards(tmp_path), tmp_path / "split")
+    assert report["val"]["board_ids"] == ["00041"] and report["test"]["board_ids"] == ["20085"]
+    assert report["train"]["board_ids"] == ["13000", "44000", "50600"]
+    assert [report[s]["images"] for s in ("train", "val", "test")] == [9, 3, 3]
+    table = pd.read_parquet(tmp_path / "split/split.parquet")
+    assert set(table.loc[table.split == "val", "image_id"]) == {"00041_0", "00041_1", "00041_2"}
+
+
+def test_val_boards_named_test_boards_carved_from_the_others(tmp_path):
+    report = split.run(SplitConfig(val_groups=("20085",)), 0, CLASSES, _boards(tmp_path), tmp_path / "split")
+    assert report["val"]["board_ids"] == ["20085"]
+    # test_fraction 0.15 of 5 boards, carved from the 4 left: 0.15 / 0.8 -> 4 folds of one board, one held out
+    assert len(report["test"]["board_ids"]) == 1 and report["test"]["board_ids"][0] != "20085"
+    assert sorted(sum((report[s]["board_ids"] for s in ("train", "val", "test")), [])) == list(BOARDS)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (SplitConfig(val_groups=("20086",)),
+     "split.val_groups: board '20086' does not exist; boards in {root}: 00041, 13000, 20085, 44000, 50600"),
+    (SplitConfig(test_groups=("33",)),  # what PyYAML makes of an unquoted 00041 (octal)
+     "split.test_groups: board '33' does not exist; boards in {root}: 00041, 13000, 20085, 44000, 50600; "
+     "was it 00041 unquoted? YAML reads 00041 as the octal number 33: write it quoted, '00041'"),
+    (SplitConfig(val_groups=("00041", "13000"), test_groups=("20085", "44000", "50600")),
+     "split: the train split is empty"),
+])
+def test_named_boards_that_cannot_be_used_stop_the_split_stage(tmp_path, cfg, message):
+    root = _boards(tmp_path)
+    with pytest.raises(ValueError) as e:
+        split.run(cfg, 0, CLASSES, root, tmp_path / "split")
+    assert str(e.value).startswith(message.format(root=root)), str(e.value)
+    assert not (tmp_path / "split").exists()
+
+
+@pytest.mark.skipif(not (SHARED / "deeppcb-trainval").is_dir(), reason="../shared/datasets/deeppcb-trainval absent")
+def test_deeppcb_preset_holds_out_a_val_board_other_than_the_test_board(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from repro_timing import PRESETS, apply_overrides
+
+    from pcb_aoi.data.readers import read_deeppcb
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    apply_overrides(params, PRESETS["deeppcb"] + [f"ingest.uri={SHARED / 'deeppcb-trainval'}"])
+    p = load_params(params)
+    # the reader's manifests, without copying 2000 images: etl keeps all 1000 DeepPCB pairs (README), and the
+    # split reads only board ids and classes
+    images, boxes = read_deeppcb(SHARED / "deeppcb-trainval")
+    table = split.assign(Dataset(tmp_path, make_images_frame(images), make_boxes_frame(boxes)), p.split, p.seed)
+    boards = {s: set(table.loc[table.split == s, "board_id"]) for s in ("train", "val", "test")}
+    assert boards["val"] and not boards["val"] & boards["test"] and not boards["train"] & (boards["val"] | boards["test"])
+    assert boards == {"test": {"20085"}, "val": {"00041"}, "train": {"13000", "44000", "50600", "77000", "92000"}}
+    assert yaml.safe_load(params.read_text())["split"].get("val_fraction") == 0.15  # the preset keeps the default
 
 
 def test_augmented_set_is_train_only_with_valid_boxes(tiny_pipeline):

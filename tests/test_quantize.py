@@ -55,13 +55,27 @@ def test_int8_model_loads_passes_its_gate_and_stays_close_to_fp32(fp32, tiny_pip
     assert json.loads(dict((p.key, p.value) for p in proto.metadata_props)["pcb_aoi_contract"])["outputs"] == "raw"
 
 
+def test_the_gate_reads_the_val_split_and_the_test_split_only_without_one(fp32, tiny_pipeline, tmp_path):
+    from pcb_aoi.data import split
+    from pcb_aoi.data.dataset import split_ids
+
+    d, p = tiny_pipeline
+    cfg = QuantizeConfig(calibration_images=2, max_map50_drop=1.0)
+    report = quantize.run(cfg, fp32, d / "augmented", d / "clean", d / "split", tmp_path / "a.onnx")
+    assert report["gate_split"] == "val" and report["gate_images"] == len(split_ids(d / "split", "val")) > 0
+    no_val = p.split.model_copy(update={"val_fraction": 0.0, "allow_no_val": True})
+    split.run(no_val, p.seed, p.classes, d / "clean", tmp_path / "split")
+    report = quantize.run(cfg, fp32, d / "augmented", d / "clean", tmp_path / "split", tmp_path / "b.onnx")
+    assert report["gate_split"] == "test" and report["gate_images"] == len(split_ids(d / "split", "test"))
+
+
 def test_gate_failure_keeps_the_previous_int8_model(fp32, tiny_pipeline, tmp_path):
     d, _ = tiny_pipeline
     out = tmp_path / "model.int8.onnx"
     out.write_bytes(b"previous int8 model")
     # below the range params.yaml allows (model_copy does not validate): no model can pass, the gate must fire
     cfg = QuantizeConfig(calibration_images=2).model_copy(update={"max_map50_drop": -1.0})
-    with pytest.raises(quantize.AccuracyGateError, match=r"a drop of .* > quantize.max_map50_drop -1.0"):
+    with pytest.raises(quantize.AccuracyGateError, match=r"val mAP@0.5 .* a drop of .* > quantize.max_map50_drop -1.0"):
         quantize.run(cfg, fp32, d / "augmented", d / "clean", d / "split", out)
     assert out.read_bytes() == b"previous int8 model"
     assert not list(tmp_path.glob(".model.int8*"))  # no temp file left behind

@@ -225,7 +225,8 @@ def test_without_a_val_split_every_non_test_board_trains_and_the_last_epoch_is_k
     from pcb_aoi.data.dataset import split_ids
 
     d, p = tiny_pipeline
-    split.run(p.split.model_copy(update={"val_fraction": 0.0}), p.seed, p.classes, d / "clean", tmp_path / "split")
+    no_val = p.split.model_copy(update={"val_fraction": 0.0, "allow_no_val": True})
+    split.run(no_val, p.seed, p.classes, d / "clean", tmp_path / "split")
     assert split_ids(tmp_path / "split", "val") == []
     assert split_ids(tmp_path / "split", "test") == split_ids(d / "split", "test"), "the test boards do not move"
     cfg = p.train.model_copy(update={"epochs": 2})

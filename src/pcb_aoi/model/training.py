@@ -282,7 +282,7 @@ def validate(ctx: Context, runner: Runner, val_gt: dict) -> dict:
 
 def keep_if_best(ctx: Context, parts: Parts, progress: Progress, epoch: int, scores: dict | None, last: bool) -> None:
     """Save the kept weights as the checkpoint when this epoch validated best so far; without a val split
-    (split.val_fraction: 0), the last epoch."""
+    (split.val_fraction: 0 with split.allow_no_val), the last epoch."""
     improved = scores is not None and scores["map"] > progress.best["map"]
     if ctx.ddp.main and (improved or (not ctx.val_ids and last)):
         progress.best, progress.best_epoch = (scores if improved else progress.best), epoch
@@ -305,7 +305,7 @@ def summary(ctx: Context, parts: Parts, progress: Progress) -> dict:
         "epochs": ctx.cfg.epochs,
         "resumed_from_epoch": start - 1 if start else None,
         "best_epoch": progress.best_epoch,
-        "val_map": best["map"] if ctx.val_ids else None,  # the kept epoch's; None: no val split (val_fraction: 0)
+        "val_map": best["map"] if ctx.val_ids else None,  # the kept epoch's; None: no val split (split.allow_no_val)
         "val_map50": best["map50"] if ctx.val_ids else None,
         "seconds_per_epoch": float(np.mean(progress.epoch_s)) if progress.epoch_s else None,
         "train_seconds": float(np.sum(progress.epoch_s)),

@@ -97,19 +97,54 @@ class EtlConfig(Section):
         return self
 
 
+def board_key(board: str) -> str | int:
+    """What identifies a board id in params: its number when it is all digits, so that ``41`` (YAML
+    reads an unquoted ``41`` as an int) names DeepPCB's group ``00041``, else the id itself."""
+    return int(board) if board.isdigit() else board
+
+
 class SplitConfig(Section):
     strategy: Literal["grouped", "official", "random"] = "grouped"
     val_fraction: Probability = 0.15
     test_fraction: Probability = 0.15
+    val_groups: tuple[StrictStr, ...] = _listed(())  # board ids held out for val; () = carved by val_fraction
+    test_groups: tuple[StrictStr, ...] = _listed(())  # board ids held out for test; () = carved by test_fraction
+    allow_no_val: bool = False  # val_fraction 0 (no val split) is refused unless this is true
+
+    @field_validator("val_groups", "test_groups", mode="before")
+    @classmethod
+    def _ids_as_strings(cls, v: Any) -> Any:
+        """Board ids are strings in the data; YAML reads an unquoted ``20085`` as an int: accept it as "20085"."""
+        if isinstance(v, (list, tuple)):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:
-        if not 0 < self.val_fraction + self.test_fraction < 1:
+        if (self.val_groups or self.test_groups) and self.strategy == "random":
+            raise ValueError("split.val_groups / split.test_groups name boards, but split.strategy: random splits "
+                             "images regardless of their board; use split.strategy: grouped")
+        if self.test_groups and self.strategy == "official":
+            raise ValueError("split.test_groups: not allowed with split.strategy: official (the test split is the "
+                             "source's test list); use split.strategy: grouped to choose the test boards")
+        both = [b for b in self.val_groups if board_key(b) in {board_key(t) for t in self.test_groups}]
+        if both:
+            raise ValueError(f"split.val_groups and split.test_groups both name board {both[0]!r}: validation "
+                             "and test boards must be different boards")
+        # only the fractions still in use: a list of boards replaces its fraction
+        val = 0 if self.val_groups else self.val_fraction
+        test = 0 if self.test_groups or self.strategy == "official" else self.test_fraction
+        if val + test >= 1:
             raise ValueError("split.val_fraction + split.test_fraction must be between 0 and 1, "
                              f"got {self.val_fraction} + {self.test_fraction}")
-        if self.test_fraction == 0 and self.strategy != "official":  # official: the source's test list
+        if self.test_fraction == 0 and not self.test_groups and self.strategy != "official":
             raise ValueError(f"split.test_fraction: 0 holds out no test boards (split.strategy: {self.strategy}), "
                              "but evaluate, the INT8 gate and the benchmark score on them; use a fraction above 0")
+        if self.val_fraction == 0 and not self.val_groups and not self.allow_no_val:
+            raise ValueError("split.val_fraction: 0 (and no split.val_groups) leaves no validation split, so the "
+                             "training epoch kept and the INT8 accuracy gate would be chosen on the test boards, "
+                             "whose scores would then no longer be held out; hold out validation boards "
+                             "(split.val_fraction > 0 or split.val_groups) or set split.allow_no_val: true")
         return self
 
 
@@ -188,7 +223,8 @@ class QuantizeConfig(Section):
     calibration: Literal["minmax", "percentile"] = "minmax"  # how ranges are taken from them
     op_types: tuple[StrictStr, ...] = _listed(("Conv", "Add", "Relu", "Resize"))  # ONNX ops to quantize
     keep_float: tuple[StrictStr, ...] = _listed(())  # nodes whose name contains one of these stay float
-    max_map50_drop: Probability = 0.005  # accuracy gate: test mAP@0.5 FP32 - INT8 at most this (mAP is 0..1)
+    # accuracy gate: validation mAP@0.5 FP32 - INT8 at most this (mAP is 0..1); test split only without val
+    max_map50_drop: Probability = 0.005
     # INT8 arithmetic (pcb_aoi.edge.int8): u8s7 is exact on every CPU
     format: Literal["u8s7", "u8s8", "u8u8"] = "u8s7"
 
