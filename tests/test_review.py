@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import TINY, copy_plot_templates, copy_project, merge, write_params
 from pcb_aoi.evaluation.overlays import HEADER, scale_of
-from pcb_aoi.evaluation.review import HEADLINE
+from pcb_aoi.evaluation.review import HEADLINE, MISSING, value
 
 VARIANT = ["-S", "train.epochs=8", "-S", "train.lr=0.01", "-S", "evaluate.score_threshold=0.1"]
 # The INT8 gate is not what these tests review: on 3 tiny test images one box moves mAP@0.5 by more than
@@ -71,6 +71,8 @@ def sample_names(repo, rev) -> list[str]:
 
 def expected_cell(base, head, better) -> str:
     """The change cell the review must show, computed here from the two metrics files."""
+    if base is MISSING or head is MISSING:  # a revision without the key (no "deeppcb" block yet)
+        return "—"
     if base is None or head is None:
         return "n/a"
     d = head - base
@@ -110,29 +112,39 @@ def test_review_deltas_have_the_signs_of_the_metrics(repo, branch_review):
     base = json.loads(show(repo, "base", "reports/metrics.json"))
     head = json.loads(show(repo, "variant-branch", "reports/metrics.json"))
     changed = 0
+    numbers = lambda *vs: all(isinstance(v, (int, float)) for v in vs)  # noqa: E731
     for key, name, better in HEADLINE:
         cells = row(md, name)
-        assert cells[-1].startswith(expected_cell(base[key], head[key], better)), (name, cells)
-        changed += base[key] != head[key]
-    for c, m in head["per_class"].items():
-        b, h = base["per_class"][c]["recall"], m["recall"]
+        assert cells[-1].startswith(expected_cell(value(base, key), value(head, key), better)), (name, cells)
+        changed += value(base, key) != value(head, key)
+    base_r, head_r = per_class_recall(base, head), per_class_recall(head, base)
+    for c, h in head_r.items():
         cells = row(md, c)
-        assert cells[-1].startswith(expected_cell(b, h, +1)), (c, cells)
-        changed += b != h
+        assert cells[-1].startswith(expected_cell(base_r[c], h, +1)), (c, cells)
+        changed += base_r[c] != h
     assert changed, "the variant changed no metric: the sign checks above prove nothing"
-    worse = [n for k, n, better in HEADLINE if (head[k] - base[k]) * better < 0]
+    worse = [n for k, n, better in HEADLINE
+             if numbers(value(base, k), value(head, k)) and (value(head, k) - value(base, k)) * better < 0]
     assert ("⚠️ **Worse:**" in md) == bool(worse or any(
-        None not in (base["per_class"][c]["recall"], m["recall"]) and m["recall"] < base["per_class"][c]["recall"]
-        for c, m in head["per_class"].items()))
+        numbers(base_r[c], h) and h < base_r[c] for c, h in head_r.items()))
     # dvc metrics diff: the same sign in its Change column, and only what changed
     all_metrics = md.split("### All metrics")[1].split("###")[0]
     for key, _, _ in HEADLINE:
-        lines = [r for r in all_metrics.splitlines() if "reports/metrics.json" in r and re.search(rf"\|\s*{key}\s*\|", r)]
-        if base[key] == head[key]:
+        lines = [r for r in all_metrics.splitlines()
+                 if "reports/metrics.json" in r and re.search(rf"\|\s*{re.escape(key)}\s*\|", r)]
+        b, h = value(base, key), value(head, key)
+        if b == h:
             assert not lines, key
-        else:
+        elif numbers(b, h):
             change = float(lines[0].strip().strip("|").split("|")[-1])
-            assert np.sign(change) == np.sign(head[key] - base[key]), (key, lines)
+            assert np.sign(change) == np.sign(h - b), (key, lines)
+
+
+def per_class_recall(m: dict, other: dict) -> dict:
+    """The recall per class the review shows for ``m``: DeepPCB's when both revisions have it."""
+    if all(isinstance(value(x, "deeppcb.per_class_recall"), dict) for x in (m, other)):
+        return m["deeppcb"]["per_class_recall"]
+    return {c: v["recall"] for c, v in m["per_class"].items()}
 
 
 def test_review_renders_plots_and_side_by_side_pictures(repo, branch_review):
@@ -214,3 +226,102 @@ def test_check_deps_names_an_untracked_dependency(repo):
         sh(repo, "git", "rm", "-q", "--cached", "src/pcb_aoi/extra.py")
         (repo / "src/pcb_aoi/extra.py").unlink()
         (repo / "dvc.yaml").write_text(dvc_yaml)
+
+
+# --fail-on-drop on hand-written metrics files: the review only reads them, so a git + DVC repo with one
+# commit per case is enough (no pipeline run, about 3 s a review).
+DEEPPCB = {"ap": 0.9812, "precision": 0.95, "recall": 0.96, "fscore": 0.955, "score_threshold": 0.3,
+           "escape_rate": 0.02, "false_calls_per_image": 0.4, "false_calls_per_board": 12.0, "detections": 101,
+           "correct": 96, "ground_truths": 100, "escapes": 2, "false_calls": 4,
+           "per_class_recall": {"open": 0.97, "short": 0.95}, "boards": 2}
+COCO = {"map": 0.58, "map50": 0.95, "map33": 0.98, "escape_rate": 0.05, "score_threshold": 0.3, "test_images": 10,
+        "per_class": {"open": {"ap50": 0.94, "recall": 0.95, "boxes": 6}, "short": {"ap50": 0.93, "recall": 0.9, "boxes": 4}}}
+CASES = {  # tag: the deeppcb block of that commit (None: an older commit without one)
+    "base": DEEPPCB,
+    "within": {**DEEPPCB, "ap": 0.9762, "fscore": 0.950, "escape_rate": 0.025},  # each exactly 0.005 worse
+    "ap-drop": {**DEEPPCB, "ap": 0.9710, "per_class_recall": {"open": 0.9, "short": 0.95}},
+    "escapes-up": {**DEEPPCB, "escape_rate": 0.04},
+    "old": None,
+}
+
+
+@pytest.fixture(scope="module")
+def metrics_repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("gate")
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                ["git", "config", "user.name", "test"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        sh(repo, *cmd)
+    (repo / "dvc.yaml").write_text("metrics:\n  - reports/metrics.json\n")
+    (repo / "reports").mkdir()
+    for tag, block in CASES.items():
+        metrics = {**COCO, **({"deeppcb": block} if block else {})}
+        (repo / "reports/metrics.json").write_text(json.dumps(metrics, indent=2))
+        sh(repo, "git", "add", "-A")
+        sh(repo, "git", "commit", "-qm", tag)
+        sh(repo, "git", "tag", tag)
+    return repo
+
+
+def gated(repo, tmp_path, base, head, *extra):
+    return review(repo, "--base", base, "--head", head, "--out", str(tmp_path / "r"), *extra, check=False)
+
+
+def test_headline_shows_deeppcb_first_and_older_revisions_as_dashes(metrics_repo, tmp_path):
+    r = gated(metrics_repo, tmp_path, "base", "ap-drop")
+    assert r.returncode == 0, r.stderr  # no --fail-on-drop: a drop is reported, not an error
+    names = [n for _, n, _ in HEADLINE]
+    assert names[:4] == ["DeepPCB AP", "DeepPCB F-score", "DeepPCB escape rate", "DeepPCB false calls / image"]
+    assert "COCO AP@0.33" in names and not any("DeepPCB" in n for n in names[4:])
+    assert row(r.stdout, "DeepPCB AP")[1:] == ["0.9812", "0.971", "**🔻 -0.0102** ⚠️"]
+    assert row(r.stdout, "DeepPCB escape rate")[1:] == ["0.02", "0.02", "0"]
+    assert row(r.stdout, "DeepPCB false calls / image")[1:3] == ["0.4", "0.4"]
+    assert row(r.stdout, "COCO AP@0.33")[1:3] == ["0.98", "0.98"]
+    assert row(r.stdout, "open")[1:] == ["6", "0.97", "0.9", "**🔻 -0.0700** ⚠️"]  # DeepPCB's recall, not COCO's
+    assert "Gate:" not in r.stdout
+    r = gated(metrics_repo, tmp_path, "old", "base")
+    assert r.returncode == 0, r.stderr
+    assert row(r.stdout, "DeepPCB AP")[1:] == ["—", "0.9812", "—"]
+    assert row(r.stdout, "COCO AP@0.5")[1:] == ["0.95", "0.95", "0"]
+    assert row(r.stdout, "open")[2:4] == ["0.95", "0.95"]  # one side without DeepPCB: the IoU 0.5 recall
+
+
+def test_fail_on_drop_passes_within_the_tolerance(metrics_repo, tmp_path):
+    r = gated(metrics_repo, tmp_path, "base", "within", "--fail-on-drop", "0.005")
+    assert r.returncode == 0, r.stderr
+    assert "Gate: --fail-on-drop 0.005 passed" in r.stdout
+    assert "Gate: --fail-on-drop 0.005 passed" in (tmp_path / "r/review.md").read_text()
+    assert "Worse:" in r.stdout  # still reported as worse, just not beyond the tolerance
+    assert gated(metrics_repo, tmp_path, "base", "within", "--fail-on-drop", "0.004").returncode == 1
+
+
+def test_fail_on_drop_fails_when_ap_drops_beyond_it(metrics_repo, tmp_path):
+    r = gated(metrics_repo, tmp_path, "base", "ap-drop", "--fail-on-drop", "0.005")
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        "error: review: DeepPCB AP dropped 0.9812 -> 0.9710 (-0.0102), more than --fail-on-drop 0.005"]
+    md = (tmp_path / "r/review.md").read_text()  # written as usual, with the outcome for the PR comment
+    assert "Gate: --fail-on-drop 0.005 failed:** DeepPCB AP dropped 0.9812 -> 0.9710" in md and md in r.stdout
+
+
+def test_fail_on_drop_fails_when_escape_rate_rises_beyond_it(metrics_repo, tmp_path):
+    r = gated(metrics_repo, tmp_path, "base", "escapes-up", "--fail-on-drop", "0.005")
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        "error: review: DeepPCB escape rate rose 0.0200 -> 0.0400 (+0.0200), more than --fail-on-drop 0.005"]
+    # the other way round it is an improvement
+    assert gated(metrics_repo, tmp_path, "escapes-up", "base", "--fail-on-drop", "0.005").returncode == 0
+
+
+def test_fail_on_drop_cannot_pass_without_deeppcb_metrics(metrics_repo, tmp_path):
+    r = gated(metrics_repo, tmp_path, "old", "base", "--fail-on-drop", "0.005")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    sha = sh(metrics_repo, "git", "rev-parse", "--short=7", "old").stdout.strip()
+    assert f"base `old` ({sha}) has no DeepPCB metrics" in r.stderr
+    assert "run `dvc repro evaluate` there and commit reports/metrics.json" in r.stderr
+    assert "Gate: --fail-on-drop 0.005 could not compare" in (tmp_path / "r/review.md").read_text()
+
+
+def test_fail_on_drop_rejects_a_negative_tolerance(metrics_repo, tmp_path):
+    r = gated(metrics_repo, tmp_path, "base", "within", "--fail-on-drop", "-0.005")
+    assert r.returncode == 2 and "argument --fail-on-drop: must be a number >= 0" in r.stderr
+    assert not (tmp_path / "r").exists()

@@ -14,7 +14,7 @@ from pcb_aoi.evaluation import review
 from pcb_aoi.pipeline import untracked
 
 WORKFLOW = ROOT / ".github/workflows/review.yml"
-EXTERNAL = {"pip", "gh", "echo"}  # on GitHub's runners; `dvc` and the project's scripts are checked below
+EXTERNAL = {"pip", "gh", "echo", "exit"}  # on GitHub's runners; `dvc` and the project's scripts are checked below
 
 
 def workflow() -> dict:
@@ -46,6 +46,21 @@ def test_workflow_triggers_on_pull_requests_and_may_comment():
     assert env["AZURE_STORAGE_CONNECTION_STRING"] == "${{ secrets.AZURE_STORAGE_CONNECTION_STRING }}"
     words = [c[:2] for c in commands()]
     assert ["dvc", "pull"] in words and ["gh", "pr"] in words and ["pcb-aoi-review", "--base"] in words
+
+
+def test_review_gate_fails_the_check_after_the_comment_is_posted():
+    """--fail-on-drop makes the check a gate, but a failing review must still post its comment first."""
+    steps = workflow()["jobs"]["review"]["steps"]
+    index = {name: i for i, s in enumerate(steps) for name in (s.get("id"), s.get("name")) if name}
+    review_step = steps[index["review"]]
+    words = shlex.split(re.sub(r"\$\{\{[^}]*\}\}", "X", review_step["run"]))
+    assert words[0] == "pcb-aoi-review" and review.parser().parse_args(words[1:]).fail_on_drop == 0.005
+    assert review_step["continue-on-error"] is True  # the steps below still run when the gate fails
+    comment = next(i for i, s in enumerate(steps) if "gh pr comment" in s.get("run", ""))
+    assert comment > index["review"] and "steps.review" not in steps[comment].get("if", "")
+    last = steps[-1]
+    assert comment < len(steps) - 1 and last["if"] == "steps.review.outcome == 'failure'"
+    assert last["run"].strip() == "exit 1"
 
 
 def test_workflow_runs_only_commands_that_exist():

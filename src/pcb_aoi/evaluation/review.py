@@ -1,14 +1,19 @@
 """pcb-aoi-review: the review of a model change (a pull request), as markdown, plus its pictures.
 
 For a base revision and the workspace (or a head revision) it writes ``<out>/review.md`` (and prints
-it): the headline metrics and per-class recall of the test split with every drop in bold and marked
-🔻, then ``dvc params diff --md`` and ``dvc metrics diff --md``. ``dvc plots diff`` is rendered to
-``<out>/plots/index.html`` (learning curves, PR curves, confusion matrices and the overlay pictures of
-both revisions side by side), and each fixed-sample overlay of the two revisions is put side by side in
-one PNG under ``<out>/side_by_side/``.
+it): the headline metrics (DeepPCB's own protocol first, then COCO's) and per-class recall of the test
+split with every change for the worse in bold, then ``dvc params diff --md`` and ``dvc metrics diff
+--md``. ``dvc plots diff`` is rendered to ``<out>/plots/index.html`` (learning curves, PR curves,
+confusion matrices and the overlay pictures of both revisions side by side), and each fixed-sample
+overlay of the two revisions is put side by side in one PNG under ``<out>/side_by_side/``.
 
     pcb-aoi-review --base main                 # workspace vs main
     pcb-aoi-review --base origin/main --head HEAD --out reports/review
+    pcb-aoi-review --base main --fail-on-drop 0.005   # exit 1 if DeepPCB AP/F drop or escapes rise > 0.005
+
+Exit codes: 0 the review was written (and the gate, if asked, passed); 1 the ``--fail-on-drop`` gate
+failed (review written); 2 a user error (bad revision, no metrics: nothing written), or the gate cannot
+compare because a revision has no DeepPCB metrics (review written).
 """
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ import argparse
 import io
 import json
 import os
+import math
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -27,8 +34,15 @@ from ..data.dataset import atomic_dir
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 WORKSPACE = "workspace"
-HEADLINE = [("map50", "mAP@0.5", +1), ("map33", "mAP@0.33", +1), ("map", "mAP@[.5:.95]", +1),
-            ("escape_rate", "escape rate", -1)]  # +1: higher is better, -1: lower is better
+# (dotted key in metrics.json, row name, +1: higher is better / -1: lower is better). DeepPCB's protocol
+# (evaluation/deeppcb.py: IoU > 0.33, classes must agree) first; map33 is COCO's AP at IoU 0.33, not it.
+HEADLINE = [("deeppcb.ap", "DeepPCB AP", +1), ("deeppcb.fscore", "DeepPCB F-score", +1),
+            ("deeppcb.escape_rate", "DeepPCB escape rate", -1),
+            ("deeppcb.false_calls_per_image", "DeepPCB false calls / image", -1),
+            ("map50", "COCO AP@0.5", +1), ("map33", "COCO AP@0.33", +1), ("map", "COCO AP@[.5:.95]", +1),
+            ("escape_rate", "escape rate (IoU 0.5)", -1)]
+GATED = HEADLINE[:3]  # what --fail-on-drop compares: DeepPCB AP, F-score, escape rate
+MISSING = object()  # a key the revision's metrics.json does not have (older commits); None = null there
 
 
 class ReviewError(Exception):
@@ -104,12 +118,25 @@ def load_metrics(root: Path, rev: str | None, label: str, path: str) -> dict:
         raise ReviewError(f"{label}: {path} is not valid JSON ({e})") from None
 
 
+def value(m: dict, key: str):
+    """``m``'s value at a dotted ``key`` ("deeppcb.ap"); MISSING when part of the path is absent."""
+    for part in key.split("."):
+        if not isinstance(m, dict) or part not in m:
+            return MISSING
+        m = m[part]
+    return m
+
+
 def fmt(v) -> str:
+    if v is MISSING:
+        return "—"
     return "n/a" if v is None else f"{v:.4f}".rstrip("0").rstrip(".") if v else "0"
 
 
 def delta(base, head, better: int) -> tuple[str, bool]:
     """(markdown cell, is it worse); ``better`` = +1 when higher is better, -1 when lower is."""
+    if base is MISSING or head is MISSING:
+        return "—", False
     if base is None or head is None:
         return "n/a", False
     d = head - base
@@ -126,21 +153,88 @@ def summary_md(base_m: dict, head_m: dict, base_label: str, head_label: str) -> 
     worse = []
     lines = [f"| metric | {base_label} | {head_label} | change |", "|---|---:|---:|---:|"]
     for key, name, better in HEADLINE:
-        cell, bad = delta(base_m.get(key), head_m.get(key), better)
+        b, h = value(base_m, key), value(head_m, key)
+        cell, bad = delta(b, h, better)
         worse += [name] if bad else []
-        lines.append(f"| {name} | {fmt(base_m.get(key))} | {fmt(head_m.get(key))} | {cell} |")
-    thr, base_thr = head_m.get("score_threshold"), base_m.get("score_threshold")
-    thr = f"{thr}" if thr == base_thr else f"{thr}, base: ≥ {base_thr}"
-    lines += ["", f"**Recall per class** (test split, IoU 0.5, score ≥ {thr}; 🔻 in bold = a class the new model "
-                  f"finds less often)", "",
-              f"| class | boxes | {base_label} | {head_label} | change |", "|---|---:|---:|---:|---:|"]
+        lines.append(f"| {name} | {fmt(b)} | {fmt(h)} | {cell} |")
+    note = (f"DeepPCB rows: DeepPCB's protocol (IoU > 0.33, the class must agree); F-score, escape rate and "
+            f"false calls at score ≥ {threshold(base_m, head_m, 'deeppcb.score_threshold')}.")
+    if not all(isinstance(m.get("deeppcb"), dict) for m in (base_m, head_m)):
+        note += " — = that revision has no DeepPCB metrics (run `dvc repro evaluate` there)."
+    lines += ["", note]
+    # per-class recall: DeepPCB's when both revisions have it, else the IoU 0.5 recall of per_class
     base_pc, head_pc = base_m.get("per_class", {}), head_m.get("per_class", {})
-    for c in list(head_pc) + [c for c in base_pc if c not in head_pc]:
-        b, h = base_pc.get(c, {}).get("recall"), head_pc.get(c, {}).get("recall")
+    base_dp, head_dp = value(base_m, "deeppcb.per_class_recall"), value(head_m, "deeppcb.per_class_recall")
+    if isinstance(base_dp, dict) and isinstance(head_dp, dict):
+        how = f"DeepPCB protocol, score ≥ {threshold(base_m, head_m, 'deeppcb.score_threshold')}"
+        base_r, head_r = base_dp, head_dp
+    else:
+        how = f"IoU 0.5, score ≥ {threshold(base_m, head_m, 'score_threshold')}"
+        base_r, head_r = ({c: v.get("recall") for c, v in pc.items()} for pc in (base_pc, head_pc))
+    lines += ["", f"**Recall per class** (test split, {how}; 🔻 in bold = a class the new model finds less often)",
+              "", f"| class | boxes | {base_label} | {head_label} | change |", "|---|---:|---:|---:|---:|"]
+    for c in list(head_r) + [c for c in base_r if c not in head_r]:
+        b, h = base_r.get(c), head_r.get(c)
         cell, bad = delta(b, h, +1)
         worse += [f"recall of {c}"] if bad else []
         lines.append(f"| {c} | {head_pc.get(c, base_pc.get(c, {})).get('boxes', 'n/a')} | {fmt(b)} | {fmt(h)} | {cell} |")
     return "\n".join(lines), worse
+
+
+def threshold(base_m: dict, head_m: dict, key: str) -> str:
+    """The head's score threshold at ``key``, and the base's when it differs."""
+    h, b = fmt(value(head_m, key)), fmt(value(base_m, key))
+    return h if h == b else f"{h}, base: ≥ {b}"
+
+
+@dataclass
+class Gate:
+    """The outcome of ``--fail-on-drop tol``: what got worse by more than ``tol``, and what could not be
+    compared (a revision without DeepPCB metrics); it passes only when both are empty."""
+
+    tol: float
+    failures: list[str] = field(default_factory=list)  # "DeepPCB AP dropped 0.9812 -> 0.9710 (-0.0102)"
+    cannot: list[str] = field(default_factory=list)  # why a comparison is impossible
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.cannot else 1 if self.failures else 0
+
+    def markdown(self) -> str:
+        flag = f"--fail-on-drop {self.tol:g}"
+        if self.cannot:
+            return f"❌ **Gate: {flag} could not compare:** " + "; ".join(self.cannot)
+        if self.failures:
+            return f"❌ **Gate: {flag} failed:** " + "; ".join(self.failures)
+        return (f"✅ **Gate: {flag} passed** (DeepPCB AP and F-score dropped, and its escape rate rose, "
+                f"by at most {self.tol:g})")
+
+    def errors(self) -> list[str]:
+        """One line per problem, for stderr."""
+        if self.cannot:
+            return [f"--fail-on-drop {self.tol:g} cannot compare: {c}" for c in self.cannot]
+        return [f"{f}, more than --fail-on-drop {self.tol:g}" for f in self.failures]
+
+
+def gate(base_m: dict, head_m: dict, tol: float, labels: tuple[str, str], metrics_path: str) -> Gate:
+    """Compare the GATED metrics of base and head: a change for the worse by more than ``tol`` fails."""
+    out = Gate(tol)
+    for m, label in zip((base_m, head_m), labels):
+        if not isinstance(m.get("deeppcb"), dict):
+            out.cannot.append(f"{label} has no DeepPCB metrics (no \"deeppcb\" block in {metrics_path}); "
+                              f"run `dvc repro evaluate` there and commit {metrics_path}")
+    if out.cannot:
+        return out
+    for key, name, better in GATED:
+        b, h = value(base_m, key), value(head_m, key)
+        if not all(isinstance(v, (int, float)) for v in (b, h)):  # null (undefined) or absent
+            state = lambda v: "absent" if v is MISSING else "null" if v is None else fmt(v)  # noqa: E731
+            out.cannot.append(f"{name} cannot be compared: {key} in {metrics_path} is {state(b)} at {labels[0]} "
+                              f"and {state(h)} at {labels[1]}")
+            continue
+        if round((b - h) * better, 9) > tol:  # rounded: 0.9812 - 0.9762 is 0.005000000000000004
+            out.failures.append(f"{name} {'dropped' if h < b else 'rose'} {b:.4f} -> {h:.4f} ({h - b:+.4f})")
+    return out
 
 
 def side_by_side(left: bytes, right: bytes, left_label: str, right_label: str) -> Image.Image:
@@ -156,7 +250,9 @@ def side_by_side(left: bytes, right: bytes, left_label: str, right_label: str) -
     return out
 
 
-def review(base: str, head: str, out: Path, metrics_path: str, overlays: str) -> str:
+def review(base: str, head: str, out: Path, metrics_path: str, overlays: str,
+           fail_on_drop: float | None = None) -> tuple[str, Gate | None]:
+    """Write the review to ``out`` and return (its markdown, the ``--fail-on-drop`` outcome or None)."""
     root = repo_root()
     base_sha = resolve(root, base, "base")
     head_sha = None if head == WORKSPACE else resolve(root, head, "head")
@@ -167,6 +263,8 @@ def review(base: str, head: str, out: Path, metrics_path: str, overlays: str) ->
     revs = [base] + ([head] if head_sha else [])  # names as given: readable dvc diff columns
 
     table, worse = summary_md(base_m, head_m, "base", "head")
+    verdict = gate(base_m, head_m, fail_on_drop, (base_label, head_label), metrics_path) \
+        if fail_on_drop is not None else None
     params = dvc("params", "diff", *revs, "--md", cwd=root).strip()
     metrics = dvc("metrics", "diff", *revs, "--md", cwd=root).strip()
     out = out if out.is_absolute() else Path.cwd() / out
@@ -180,9 +278,10 @@ def review(base: str, head: str, out: Path, metrics_path: str, overlays: str) ->
                 side_by_side(left, right, f"base {base_sha[:7]}", head_label.replace("`", "")).save(
                     tmp / "side_by_side" / Path(path).name)
                 pairs += 1
-        verdict = ("⚠️ **Worse:** " + ", ".join(worse)) if worse else "✅ Nothing got worse."
+        summary = ("⚠️ **Worse:** " + ", ".join(worse)) if worse else "✅ Nothing got worse."
         md = "\n".join([
-            f"## Model review: {head_label} vs {base_label}", "", verdict, "", table, "",
+            f"## Model review: {head_label} vs {base_label}", "", summary, "",
+            *([verdict.markdown(), ""] if verdict else []), table, "",
             "### Params changed (`dvc params diff`)", "", params or "_No params changed._", "",
             "### All metrics (`dvc metrics diff`)", "", metrics or "_No metric changed._", "",
             "### Pictures", "",
@@ -190,7 +289,18 @@ def review(base: str, head: str, out: Path, metrics_path: str, overlays: str) ->
             f"overlays: green = found, magenta = missed, red = detection, orange = false alarm). "
             f"{pairs} fixed-sample overlays side by side (base | head): `{out.name}/side_by_side/`.", ""])
         (tmp / "review.md").write_text(md)
-    return md
+    return md, verdict
+
+
+def tolerance(text: str) -> float:
+    """argparse type of --fail-on-drop: a finite float >= 0."""
+    try:
+        tol = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(tol) and tol >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0.005 = half a point), got {text}")
+    return tol
 
 
 def parser() -> argparse.ArgumentParser:
@@ -202,18 +312,28 @@ def parser() -> argparse.ArgumentParser:
                     help="folder for review.md, plots/ and side_by_side/ (replaced; default: %(default)s)")
     ap.add_argument("--metrics", default="reports/metrics.json", help="evaluate's metrics file (default: %(default)s)")
     ap.add_argument("--overlays", default="reports/plots/overlays", help="evaluate's overlay folder (default: %(default)s)")
+    ap.add_argument("--fail-on-drop", type=tolerance, metavar="TOL",
+                    help="after writing the review, exit 1 when DeepPCB AP or F-score is lower than the base's, or "
+                         "DeepPCB escape rate higher, by more than TOL (e.g. 0.005); exit 2 when a revision has no "
+                         "DeepPCB metrics to compare")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
-        print(review(args.base, args.head, args.out, args.metrics, args.overlays))
+        md, verdict = review(args.base, args.head, args.out, args.metrics, args.overlays, args.fail_on_drop)
     except ReviewError as e:
         if os.environ.get("PCB_AOI_DEBUG"):
             raise
         print(f"error: review: {e}", file=sys.stderr)
         sys.exit(2)
+    print(md)
+    if verdict and verdict.exit_code:
+        sys.stdout.flush()
+        for line in verdict.errors():
+            print(f"error: review: {line}", file=sys.stderr)
+        sys.exit(verdict.exit_code)
 
 
 if __name__ == "__main__":
