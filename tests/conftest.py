@@ -17,7 +17,7 @@ TINY = {
     "train": {"epochs": 2, "batch_size": 4, "crop_size": 64, "model": {"width": 8}},
     "export": {"parity_images": 3},
     "quantize": {"calibration_images": 4},
-    "benchmark": {"warmup": 1, "runs": 3, "batch_size": 2},
+    "benchmark": {"warmup": 1, "runs": 3, "stream_pairs": 8},
 }
 
 
