@@ -19,7 +19,7 @@ TINY = {
     "evaluate": {"operating_point": "fixed"},
     "export": {"parity_images": 3},
     "quantize": {"calibration_images": 4},
-    "benchmark": {"warmup": 1, "runs": 3, "batch_size": 2},
+    "benchmark": {"warmup": 1, "runs": 3, "stream_pairs": 8},
 }
 
 

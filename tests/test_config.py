@@ -48,6 +48,9 @@ def test_int_accepted_where_float_expected(tiny_params):
     ({"train": {"epochs": True}}, "train.epochs: expected an integer, got True (bool)"),
     ({"train": {"precision": "fp16"}}, "train.precision: 'fp16' is not allowed; expected one of 'auto', 'fp32' or 'bf16'"),
     ({"train": {"model": {"blocks": [1, 2]}}}, "train.model.blocks: expected a list of 3 values, got [1, 2]"),
+    ({"benchmark": {"stream_pairs": 0}}, "benchmark.stream_pairs: must be greater than or equal to 1, got 0"),
+    ({"benchmark": {"batch_size": 8}}, "benchmark.batch_size: unknown key; allowed under benchmark: warmup, runs, "
+                                       "stream_pairs, threads"),
     ({"train": {"model": {"stryde": 4}}}, "train.model.stryde: unknown key; allowed under train.model: use_template, "
                                           "width, stride, blocks"),
 ])

@@ -60,18 +60,26 @@ def test_repro_writes_every_report(repo):
     ingest = json.loads((repo / "reports/ingest.json").read_text())
     assert ingest["images"] == 15 and ingest["boxes"] == sum(ingest["per_class"].values())
     bench = json.loads((repo / "reports/benchmark.json").read_text())
-    assert [v["format"] for v in bench["variants"]] == ["pytorch-eager-fp32", "onnxruntime-fp32", "onnxruntime-int8"]
+    files = [v["file"] for v in bench["variants"]]
+    assert files[0] == "model.pt" and files[1:] == ["model.onnx", "model.e2e.onnx", "model.int8.onnx"] * len(bench["providers"])
+    assert [v["format"] for v in bench["variants"][:4]] == ["fp32", "fp32", "fp32", "int8"]
     assert {v["provider"] for v in bench["variants"][1:]} == set(bench["providers"]) >= {"CPUExecutionProvider"}
     for v in bench["variants"]:
-        assert {"format", "provider", "size_mb", "ms_p50", "ms_p95", "ms_p99", "infer_ms_p50", "fps", "batch_fps",
-                "map50", "map", "threads", "gflops", "gflops_per_s"} <= set(v)
-        assert v["ms_p99"] >= v["ms_p95"] >= v["ms_p50"] > 0 and v["gflops"] > 0
+        assert {"file", "format", "provider", "size_mb", "ms_p50", "ms_p95", "ms_p99", "fps", "stream_pairs", "wall_s",
+                "deeppcb_ap", "deeppcb_fscore", "map50", "map", "threads"} <= set(v)
+        assert v["ms_p99"] >= v["ms_p95"] >= v["ms_p50"] > 0
+        # fps is measured: the stream's pairs (the tiny test split cycled up to stream_pairs) over its wall time
+        assert v["stream_pairs"] == TINY["benchmark"]["stream_pairs"] > bench["test_images"]
+        assert v["fps"] * v["wall_s"] == pytest.approx(v["stream_pairs"], rel=0.01)
+    raw, e2e = bench["variants"][1], bench["variants"][2]  # the same detections: the same scores
+    assert e2e["deeppcb_ap"] == pytest.approx(raw["deeppcb_ap"], abs=1e-6) and e2e["map50"] == pytest.approx(raw["map50"], abs=1e-6)
+    assert bench["int8_format"] == "u8s7" and bench["int8_on_this_cpu"] in {"exact", "saturates", "unknown"}
     compute = bench["compute"]
-    assert compute["parameters"] > 0 and compute["train_step_memory"]["total_mb"] > compute["train_step_memory"]["weights_mb"]
+    assert compute["parameters"] > 0 and compute["gflops"] > 0 and compute["train_step_memory"]["total_mb"] > compute["train_step_memory"]["weights_mb"]
     assert compute["seconds_per_epoch"] > 0 and compute["dataset_mb"]["clean"] > 0
     assert bench["cpu"] and bench["cpu"] != "unknown" and bench["cpu"] in compute["measured_on"]
     rows = (repo / "reports/benchmark/latency_map.csv").read_text().splitlines()
-    assert rows[0] == "variant,ms_p50,map50" and len(rows) == 1 + len(bench["variants"])
+    assert rows[0] == "variant,ms_p50,fps,map50,deeppcb_ap" and len(rows) == 1 + len(bench["variants"])
     export = json.loads((repo / "reports/export.json").read_text())
     assert export["same_detections"] is True and export["end_to_end"]["same_detections"] is True
     quant = json.loads((repo / "reports/quantize.json").read_text())

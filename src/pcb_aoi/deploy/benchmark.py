@@ -1,84 +1,39 @@
-"""benchmark: PyTorch eager vs ONNX Runtime FP32 and INT8, per execution provider, measured in one run.
+"""benchmark: every deployable ONNX file, timed and scored through the edge app's own code, beside the
+PyTorch eager reference, per execution provider, measured in one run.
 
-Per variant: end-to-end latency per image at batch 1 (decode the test PNG and its template, both at
-once as the edge app does + preprocess + inference + post-process: torch for PyTorch, the edge app's
-numpy decoding for ONNX Runtime, whose sessions also sleep between images as the app's do; warm-up runs
-excluded) p50/p95/p99, inference-only latency, throughput at a larger batch, file size, mAP@0.5 and
-COCO mAP on the test split computed with that very runtime, model GFLOPs per image and the GFLOP/s
-achieved. Execution providers: every one of CPU, OpenVINO, CUDA and TensorRT that the installed
-onnxruntime offers (`pip install onnxruntime-openvino` or `onnxruntime-gpu` to add them). Plus compute
-sizing for choosing a training machine: parameters, forward+backward memory at the training batch,
-seconds per training epoch, dataset size on disk.
+Deployable files: ``model.onnx`` (FP32, numpy decoding), ``model.e2e.onnx`` (FP32, decoding and NMS in the
+graph: the file the README deploys) and ``model.int8.onnx``. Each runs as ``pcb-aoi-detect`` runs it
+(``deploy.measure``: ``edge.app.Inspector`` reading the test PNG and its template at once and registering
+them when the contract asks, ``edge.runtime.EdgeModel.detect``; sessions whose threads sleep between
+pairs). Per variant: latency per pair one at a time (warm-up excluded) p50/p95/p99; ``fps`` = pairs /
+wall time over a stream of ``benchmark.stream_pairs`` pairs with the app's read-ahead (the next pair
+decoded while the model runs; the test pairs cycled); file size; DeepPCB's protocol (AP, F-score at the
+contract's threshold, ``evaluation.deeppcb``) and COCO mAP@0.5 / mAP on the test split from that
+runtime's own detections. Execution providers: every one of CPU, OpenVINO, CUDA and TensorRT that the
+installed onnxruntime offers. Plus compute sizing for choosing a training machine: parameters, GFLOPs
+per image, forward+backward memory at the training batch, seconds per training epoch, dataset size.
 """
 from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..data.dataset import Dataset, atomic_dir, test_ids, write_json
-from ..edge import machine, runtime
+from ..edge import machine
 from ..edge.contract import GPU_PROVIDERS, MIN_SCORE, PROVIDERS
-from ..edge.preprocess import register_template
-from ..edge.runtime import ort_runner, ort_session
-from ..evaluation.evaluate import score
+from ..edge.runtime import EdgeModel
+from ..evaluation.deeppcb import protocol
+from ..evaluation.metrics import coco_metrics
 from ..model import checkpoint
-from ..model.inference import Runner, decode, load_pair, prepare_input, stack_padded, torch_runner
+from ..model.inference import load_pair, prepare_input, torch_runner
 from ..pipeline.config import BenchmarkConfig
-
-
-def _percentiles(ms: list[float]) -> dict:
-    a = np.asarray(ms)
-    return {q: float(np.percentile(a, int(q[1:]))) for q in ("p50", "p95", "p99")}
-
-
-def torch_post(heat: np.ndarray, boxes: np.ndarray) -> None:
-    decode(torch.from_numpy(heat), torch.from_numpy(boxes))
-
-
-def numpy_post(heat: np.ndarray, boxes: np.ndarray) -> None:
-    """What the torch-free edge app runs after ONNX Runtime."""
-    runtime.decode(heat, boxes, MIN_SCORE)  # the torch decode()'s default threshold, as the PyTorch variant
-
-
-def time_variant(runner: Runner, ds: Dataset, rows: list, use_template: bool, cfg: BenchmarkConfig,
-                 post=torch_post, register_px: int = 0) -> dict:
-    def end_to_end(row):
-        test, template = load_pair(ds, row)
-        if register_px:  # as the edge app does (the clean pairs are registered already: same work, no move)
-            template, _ = register_template(test, template, register_px)
-        x = prepare_input(test, template, use_template)[None]
-        t0 = time.perf_counter()
-        heat, boxes = runner(x)
-        t1 = time.perf_counter()
-        post(heat, boxes)
-        return t1 - t0
-
-    e2e, infer = [], []
-    for i in range(cfg.warmup + cfg.runs):
-        t0 = time.perf_counter()
-        inf = end_to_end(rows[i % len(rows)])
-        if i >= cfg.warmup:
-            e2e.append((time.perf_counter() - t0) * 1e3)
-            infer.append(inf * 1e3)
-    xb = stack_padded([prepare_input(*load_pair(ds, rows[i % len(rows)]), use_template) for i in range(cfg.batch_size)])
-    runner(xb)  # warm-up at this shape
-    reps = max(1, cfg.runs // cfg.batch_size)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        runner(xb)
-    batch_fps = reps * cfg.batch_size / (time.perf_counter() - t0)
-    lat, inf = _percentiles(e2e), _percentiles(infer)
-    return {"ms_p50": round(lat["p50"], 3), "ms_p95": round(lat["p95"], 3), "ms_p99": round(lat["p99"], 3),
-            "infer_ms_p50": round(inf["p50"], 3), "fps": round(1e3 / lat["p50"], 2),
-            "batch_size": cfg.batch_size, "batch_fps": round(batch_fps, 2)}
+from . import measure
 
 
 def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -119,13 +74,14 @@ def du_mb(path: Path) -> float:
 class Inputs:
     """The files the benchmark measures and reports on (the stage's options, ``src/stages/benchmark.py``)."""
 
-    model: str | Path  # checkpoint written by train
+    model: str | Path  # checkpoint written by train: the PyTorch eager reference
     onnx: str | Path  # FP32 ONNX model (raw outputs) written by export_onnx
     clean: str | Path  # clean dataset folder: the test images
     split: str | Path  # folder holding split.parquet
     int8: str | Path | None = None  # INT8 model written by quantize, benchmarked too when given
     train_report: str | Path | None = None  # train's summary (seconds per epoch, peak memory) for compute sizing
     data: tuple[str | Path, ...] = ()  # dataset folders whose size on disk to report
+    e2e: str | Path | None = None  # end-to-end FP32 model written by export_onnx, benchmarked too when given
 
 
 @dataclass(frozen=True)
@@ -138,17 +94,16 @@ class TrainStep:
 
 def run(cfg: BenchmarkConfig, inputs: Inputs, out: str | Path, *, train_step: TrainStep | None = None,
         plots_dir: str | Path | None = None) -> dict:
-    """Measure every variant, write the report to ``out`` (and the latency-vs-mAP plot data to ``plots_dir``)."""
+    """Measure every variant, write the report to ``out`` (and the latency-vs-AP plot data to ``plots_dir``)."""
     threads = cfg.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     model, ckpt = checkpoint.load(inputs.model)
     ds = Dataset.load(inputs.clean)
     ids = test_ids(inputs.split)
-    rows = ds.rows(ids)
     available = [k for k, name in PROVIDERS.items() if name in ort.get_available_providers()]
-    variants = measure_variants(cfg, inputs, model, ckpt, ds, ids, rows, available, threads)
-    by = {(v["format"], v["provider"]): v for v in variants}
-    cpu = PROVIDERS["cpu"]
+    variants = measure_variants(cfg, inputs, model, ckpt, ds, ids, available, threads)
+    by = {(v["file"], v["provider"]): v for v in variants}
+    cpu, onnx, rows = PROVIDERS["cpu"], Path(inputs.onnx).name, ds.rows(ids[:1])
     report = {
         "threads": threads,
         "cpu": machine.cpu_model(),
@@ -156,50 +111,69 @@ def run(cfg: BenchmarkConfig, inputs: Inputs, out: str | Path, *, train_step: Tr
         "machine": machine.describe(torch.cuda.get_device_name(0) if set(GPU_PROVIDERS) & set(available)
                                     and torch.cuda.is_available() else None),
         "image_size": [int(rows[0].width), int(rows[0].height)],
+        "test_images": len(ids),
         "providers": [PROVIDERS[k] for k in available],  # in onnxruntime's names
+        "fps_measured_as": "pairs / wall time of the edge app's read-ahead loop (edge.app.Inspector.process_all) "
+                           "over stream_pairs pairs, the test pairs cycled; ms_p50/p95/p99: one pair at a time",
         "variants": variants,
-        "ort_vs_torch_speedup": round(by["pytorch-eager-fp32", "torch-cpu"]["ms_p50"]
-                                      / by["onnxruntime-fp32", cpu]["ms_p50"], 3),
+        # Latency ratios, one pair at a time (the stream's fps ratios are in the variants).
+        "ort_vs_torch_speedup": round(by[Path(inputs.model).name, "torch-cpu"]["ms_p50"] / by[onnx, cpu]["ms_p50"], 3),
     }
     if inputs.int8:
-        m = runtime.EdgeModel(inputs.int8)
+        m = EdgeModel(inputs.int8)
         report["int8_format"] = (m.contract.get("int8") or {}).get("format")
         report["int8_on_this_cpu"] = m.cpu_verdict()[0]  # exact | saturates | unknown
-        report["int8_vs_fp32_speedup"] = round(by["onnxruntime-fp32", cpu]["ms_p50"]
-                                               / by["onnxruntime-int8", cpu]["ms_p50"], 3)
-    report["compute"] = sizing(model, ckpt, inputs, train_step)
+        report["int8_vs_fp32_speedup"] = round(by[onnx, cpu]["ms_p50"] / by[Path(inputs.int8).name, cpu]["ms_p50"], 3)
+    x1 = torch.from_numpy(prepare_input(*load_pair(ds, rows[0]), ckpt["input_spec"]["use_template"])[None])
+    report["compute"] = {"gflops": round(gflops(model, x1), 3), **sizing(model, ckpt, inputs, train_step)}
     if plots_dir:
         with atomic_dir(plots_dir) as tmp:  # latency vs accuracy, one point per variant
-            lines = ["variant,ms_p50,map50"] + [f"{v['format']}@{v['provider']},{v['ms_p50']},{v['map50']}"
-                                                for v in variants]
+            lines = ["variant,ms_p50,fps,map50,deeppcb_ap"] + [
+                f"{v['file']}@{v['provider']},{v['ms_p50']},{v['fps']},{v['map50']},{v['deeppcb_ap']}" for v in variants]
             (tmp / "latency_map.csv").write_text("\n".join(lines) + "\n")
     write_json(out, report)
     return report
 
 
+def _clean(v) -> float | None:
+    """JSON has no NaN: an undefined metric (no ground truth, no detection) is null."""
+    return None if v is None or v != v else round(float(v), 6)
+
+
+def score(m: measure.Model, pairs: measure.Pairs, gt: dict, classes: tuple[str, ...], threshold: float) -> dict:
+    """DeepPCB's protocol at the operating ``threshold`` and COCO mAP, from every detection above MIN_SCORE."""
+    preds = measure.detections(m, pairs, MIN_SCORE)
+    deeppcb, coco = protocol(gt, preds, score_threshold=threshold), coco_metrics(gt, preds, classes)
+    return {"score_threshold": threshold, "deeppcb_ap": _clean(deeppcb["ap"]),
+            "deeppcb_fscore": _clean(deeppcb["fscore"]), "deeppcb_escape_rate": _clean(deeppcb["escape_rate"]),
+            "deeppcb_false_calls_per_image": _clean(deeppcb["false_calls_per_image"]),
+            "map50": _clean(coco["map50"]), "map": _clean(coco["map"])}
+
+
 def measure_variants(cfg: BenchmarkConfig, inputs: Inputs, model: torch.nn.Module, ckpt: dict, ds: Dataset,
-                     ids: list[str], rows: list, providers: list[str], threads: int) -> list[dict]:
-    """One result per variant: PyTorch eager, then ONNX Runtime FP32 (and INT8) on each of ``providers``
-    (keys of ``edge.contract.PROVIDERS``): size, latency, throughput, accuracy and GFLOP/s."""
-    classes, use_template = tuple(ckpt["classes"]), ckpt["input_spec"]["use_template"]
-    x1 = torch.from_numpy(prepare_input(*load_pair(ds, rows[0]), use_template)[None])
-    flops = gflops(model, x1)
-    runs = [("pytorch-eager-fp32", "torch-cpu", lambda: torch_runner(model), inputs.model)]
-    for key in providers:  # sessions as the edge app runs them: threads sleep, not spin, between images
-        runs.append(("onnxruntime-fp32", PROVIDERS[key],
-                     lambda k=key: ort_runner(ort_session(inputs.onnx, threads, k, spin=False)), inputs.onnx))
-        if inputs.int8:
-            runs.append(("onnxruntime-int8", PROVIDERS[key],
-                         lambda k=key: ort_runner(ort_session(inputs.int8, threads, k, spin=False)), inputs.int8))
+                     ids: list[str], providers: list[str], threads: int) -> list[dict]:
+    """One result per variant: PyTorch eager, then every deployable file (``onnx``, ``e2e``, ``int8``) on
+    each of ``providers`` (keys of ``edge.contract.PROVIDERS``) as the edge app runs it."""
+    classes, pairs = tuple(ckpt["classes"]), measure.Pairs.of(ds, ids)
+    gt = ds.annotations(ids, classes)
+    threshold = EdgeModel(inputs.onnx).contract["score_threshold"]  # the operating point export wrote
+    runs = [({"runtime": "pytorch-eager", "format": "fp32", "provider": "torch-cpu", "decode": "torch"},
+             inputs.model, lambda: measure.TorchModel(torch_runner(model), ckpt, threshold))]
+    for key in providers:
+        for path in (p for p in (inputs.onnx, inputs.e2e, inputs.int8) if p):
+            runs.append(({"runtime": "onnxruntime", "provider": PROVIDERS[key]}, path,
+                         lambda k=key, p=path: EdgeModel(p, threads, k, spin=False)))  # as the app runs it
     variants = []
-    for fmt, provider, make, path in runs:
-        runner = make()
-        metrics, _ = score(runner, ds, ids, classes, use_template, 0.5)
-        post = torch_post if fmt.startswith("pytorch") else numpy_post
-        timing = time_variant(runner, ds, rows, use_template, cfg, post, ckpt["input_spec"].get("register_max_px", 0))
-        variants.append({"format": fmt, "provider": provider, "size_mb": round(Path(path).stat().st_size / 2**20, 3),
-                         **timing, "map50": metrics["map50"], "map": metrics["map"], "threads": threads,
-                         "gflops": round(flops, 3), "gflops_per_s": round(flops / (timing["infer_ms_p50"] / 1e3), 2)})
+    for row, path, make in runs:
+        m, thr = make(), threshold
+        if isinstance(m, EdgeModel):
+            row = {"runtime": "onnxruntime", "format": m.precision, "provider": row["provider"],
+                   "decode": "in-graph" if m.end_to_end else "numpy"}
+            thr = m.contract["score_threshold"]
+        timing = {**measure.latency(m, pairs, cfg.warmup, cfg.runs), **measure.stream(m, pairs, cfg.stream_pairs)}
+        metrics = score(m, pairs, gt, classes, thr)
+        variants.append({"file": Path(path).name, **row, "size_mb": round(Path(path).stat().st_size / 2**20, 3),
+                         **timing, **metrics, "threads": threads})
     return variants
 
 

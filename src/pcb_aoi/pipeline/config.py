@@ -231,8 +231,8 @@ class QuantizeConfig(Section):
 
 class BenchmarkConfig(Section):
     warmup: int = Field(5, ge=0)
-    runs: int = Field(50, gt=0)
-    batch_size: int = Field(8, ge=1)  # for the throughput measurement
+    runs: int = Field(50, gt=0)  # pairs timed one at a time (latency percentiles)
+    stream_pairs: int = Field(100, ge=1)  # pairs in the read-ahead stream whose wall time gives fps
     threads: int = Field(0, ge=0)  # 0 = all cores
 
 
