@@ -8,7 +8,9 @@ from conftest import TINY, copy_plot_templates, copy_project, merge, write_param
 
 TINY_CLASSES = ["open", "short", "mousebite", "spur", "copper", "pin-hole"]
 # Ten epochs at a higher rate: the tiny model then learns enough for a floor on its test AP (below).
-PIPELINE = merge(TINY, {"train": {"epochs": 10, "lr": 0.01}})
+# Its validation split holds 3 images and 13 defects: one box moves mAP@0.5 by several points, so the
+# INT8 gate gets a tolerance to match (test_quantize.py tests the gate itself).
+PIPELINE = merge(TINY, {"train": {"epochs": 10, "lr": 0.01}, "quantize": {"max_map50_drop": 0.1}})
 # DeepPCB AP of detections scattered at random is about 0.001 here; the tiny pipeline reaches about 0.1.
 MIN_TINY_AP = 0.03
 STAGES = ["ingest", "etl", "split", "augment", "train", "evaluate", "export_onnx", "quantize", "benchmark"]
