@@ -192,10 +192,11 @@ def test_evaluate_stage_refuses_a_model_trained_for_other_classes(tiny_pipeline,
     r = subprocess.run([sys.executable, str(ROOT / "src/stages/evaluate.py"), "--params", str(tmp_path / "params.yaml"),
                         "--model", str(tmp_path / "models/model.pt"), "--clean", str(d / "clean"), "--split",
                         str(d / "split"), "--metrics", str(tmp_path / "metrics.json"), "--plots",
-                        str(tmp_path / "plots")], capture_output=True, text=True)
+                        str(tmp_path / "plots"), "--operating-point", str(tmp_path / "op.json")],
+                       capture_output=True, text=True)
     assert r.returncode == 1
     assert "keys differ: classes" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "op.json").exists()
 
 
 def test_ddp_two_cpu_processes_under_torchrun(tiny_pipeline, tmp_path):
