@@ -23,6 +23,7 @@ def test_default_params_load():
     ({"train": {"model": {"blocks": [1, 2]}}}, "train.model.blocks"),
     ({"train": {"model": {"blocks": [1, -1, 2]}}}, "train.model.blocks"),
     ({"ingest": {"source": "sinthetic"}}, "ingest.source"),
+    ({"etl": {"voc_size_mismatch": "scale"}}, "etl.voc_size_mismatch"),
     ({"ingest": {"synthetic": {"class_mix": {"scratch": 1.0}}}}, "ingest.synthetic.class_mix"),
     ({"ingest": {"synthetic": {"defects_per_image": [1]}}}, "ingest.synthetic.defects_per_image"),
     ({"split": {"test_fraction": 0.9}}, "split.val_fraction + split.test_fraction"),

@@ -2,22 +2,26 @@
 import hashlib
 import http.server
 import json
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from pcb_aoi.data import etl, ingest, sources
-from pcb_aoi.data.dataset import Dataset
+from pcb_aoi.data.dataset import IMAGE_COLUMNS, Dataset
 from pcb_aoi.data.readers import DataError
 from pcb_aoi.data.split import assign
 from pcb_aoi.pipeline.config import CLASSES, EtlConfig, IngestConfig, SplitConfig
 
-from conftest import ROOT
+from conftest import ROOT, write_params
 
 SHARED = ROOT.parent / "shared" / "datasets"
 
@@ -61,6 +65,44 @@ def test_deeppcb_reader(tmp_path):
     assert ds.images.set_index("image_id").loc["00001000", "source_split"] == "trainval"
     assert (ds.images.board_id == "00001").all() and (ds.images.width == 64).all()
     assert all((ds.root / p).is_file() for p in ds.images.template_path)
+    # every pair complete: the manifest has the canonical columns only
+    assert pd.read_parquet(ds.root / "images.parquet").columns.tolist() == IMAGE_COLUMNS
+
+
+def test_deeppcb_pair_without_its_template_is_rejected_by_etl_naming_the_expected_file(tmp_path):
+    root = make_deeppcb(tmp_path / "dp", {"000": "1 2 20 22 1", "001": "5 5 15 15 3"})
+    missing = root / "PCBData/group00001/00001/00001001_temp.jpg"
+    missing.unlink()
+    ds = read("deeppcb", root)
+    report = _etl(tmp_path, ds)
+    assert report["rejected"] == [{"image_id": "00001001", "file": "images/00001001_test.jpg",
+                                   "reason": f"template missing: {missing}"}]
+    clean = Dataset.load(tmp_path / "clean")
+    assert clean.images.image_id.tolist() == ["00001000"] and clean.boxes.image_id.tolist() == ["00001000"]
+    assert pd.read_parquet(tmp_path / "clean/images.parquet").columns.tolist() == IMAGE_COLUMNS
+
+
+def test_deeppcb_list_lines_naming_no_pair_are_reported_and_a_list_naming_none_stops_ingest(tmp_path):
+    root = make_deeppcb(tmp_path / "dp", {"000": "1 2 20 22 1", "001": "5 5 15 15 3"})
+    (root / "PCBData/trainval.txt").write_text("group00001/00001/00001000.jpg group00001/00001_not/00001000.txt\n"
+                                               "\n"
+                                               "group00001/00001/00001077.jpg group00001/00001_not/00001077.txt\n")
+    report = ingest.run(IngestConfig(source="deeppcb", uri=str(root)), 0, CLASSES, tmp_path / "raw")
+    assert report["list_lines_missing"] == ["PCBData/trainval.txt:3: group00001/00001/00001077.jpg"]
+    assert report["list_lines_missing_count"] == 1 and report["images"] == 2
+    raw = Dataset.load(tmp_path / "raw").images.set_index("image_id").source_split
+    assert raw.to_dict() == {"00001000": "trainval", "00001001": ""}
+    # a list that names no pair of this copy: the stage stops naming the list, and writes nothing
+    (root / "PCBData/test.txt").write_text("group00009/00009/00009000.jpg group00009/00009_not/00009000.txt\n")
+    with pytest.raises(DataError, match=r"PCBData/test.txt: none of its 1 lines names a pair under .*00009000_test"):
+        ingest.run(IngestConfig(source="deeppcb", uri=str(root)), 0, CLASSES, tmp_path / "raw2")
+    assert not (tmp_path / "raw2").exists()
+    params = write_params(tmp_path / "params.yaml", {"ingest": {"source": "deeppcb", "uri": str(root)}})
+    stage = subprocess.run([sys.executable, str(ROOT / "src/stages/ingest.py"), "--params", str(params),
+                            "--out", str(tmp_path / "raw3"), "--report", str(tmp_path / "ingest.json")],
+                           capture_output=True, text=True)
+    assert stage.returncode == 1 and "test.txt: none of its 1 lines" in stage.stderr, stage.stderr
+    assert not (tmp_path / "raw3").exists() and not (tmp_path / "ingest.json").exists()
 
 
 @pytest.mark.parametrize("label, message", [
@@ -105,6 +147,32 @@ def test_voc_reader_maps_classes_and_boards(tmp_path):
     ds = read("voc", root, class_map={"mouse_bite": "mousebite"}, board_regex=r"^(\d+)_")
     assert ds.boxes.iloc[0][["class_name", "x1", "y1", "x2", "y2"]].tolist() == ["mousebite", 2, 4, 20, 30]
     assert ds.images.board_id.tolist() == ["01"] and ds.images.template_path.tolist() == [""]
+
+
+def _declare_size(root: Path, w, h) -> None:
+    xml = root / "Annotations/Mouse_bite/01_mouse_bite_01.xml"
+    xml.write_text(re.sub(r"<width>.*</height>", f"<width>{w}</width><height>{h}</height>", xml.read_text()))
+
+
+def test_voc_size_other_than_the_image_rejects_it_or_rescales_its_boxes(tmp_path):
+    root = make_voc(tmp_path / "voc")  # the image is 64x48
+    _declare_size(root, 128, 96)  # boxes drawn on a copy twice as large
+    ds = read("voc", root, class_map={"mouse_bite": "mousebite"})
+    report = _etl(tmp_path, ds)
+    assert report["images"] == 0 and report["rejected"][0]["reason"].startswith(
+        "images/01_mouse_bite_01_test.jpg: the VOC <size> says 128x96, the image is 64x48")
+    report = _etl(tmp_path, ds, voc_size_mismatch="rescale")
+    assert report["rejected_images"] == 0 and report["voc_size_rescaled_images"] == 1
+    assert report["voc_size_rescales"] == [{"image_id": "01_mouse_bite_01", "declared": [128, 96], "image": [64, 48],
+                                            "scale": [0.5, 0.5]}]
+    clean = Dataset.load(tmp_path / "clean")  # (2, 4, 20, 30) on the 128x96 copy
+    assert clean.boxes[["x1", "y1", "x2", "y2"]].values.tolist() == [[1, 2, 10, 15]]
+    assert pd.read_parquet(tmp_path / "clean/images.parquet").columns.tolist() == IMAGE_COLUMNS
+    _declare_size(root, 64, 48)  # the image's own size: kept as drawn
+    assert _etl(tmp_path, read("voc", root, class_map={"mouse_bite": "mousebite"}))["images"] == 1
+    _declare_size(root, "64.5", 48)
+    with pytest.raises(DataError, match=r"01_mouse_bite_01.xml: <size>: width and height must be whole pixels"):
+        read("voc", root, class_map={"mouse_bite": "mousebite"})
 
 
 def test_unmapped_class_lists_known_ones(tmp_path):

@@ -5,6 +5,9 @@ A dataset is a folder holding image files and two parquet manifests:
 - ``images.parquet``: one row per image: ``image_id``, ``path`` and ``template_path`` (relative to
   the folder; template empty when the source has none), ``width``, ``height``, ``board_id``,
   ``source_split`` (empty when the source has none).
+  A raw dataset (ingest's) may add what only etl can check against the pixels: ``expected_template``
+  (the source path of a template the reader did not find) and ``declared_width`` / ``declared_height``
+  (a VOC ``<size>``, 0 = not given); they are written only by the readers that fill them.
 - ``boxes.parquet``: one row per box: ``image_id``, ``class_name``, ``x1, y1, x2, y2`` in pixels.
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ import pandas as pd
 
 IMAGE_COLUMNS = ["image_id", "path", "template_path", "width", "height", "board_id", "source_split"]
 BOX_COLUMNS = ["image_id", "class_name", "x1", "y1", "x2", "y2"]
+# raw manifests only, when a reader fills them (see the module docstring): column -> value when absent
+RAW_IMAGE_COLUMNS = {"expected_template": "", "declared_width": 0, "declared_height": 0}
 
 
 @contextlib.contextmanager
@@ -97,7 +102,8 @@ class Dataset:
     def save(self, root: str | Path) -> None:
         """Write the manifests into ``root`` (image files are the caller's business)."""
         root = Path(root)
-        self.images[IMAGE_COLUMNS].to_parquet(root / "images.parquet", index=False)
+        extra = [c for c in RAW_IMAGE_COLUMNS if c in self.images]
+        self.images[IMAGE_COLUMNS + extra].to_parquet(root / "images.parquet", index=False)
         self.boxes[BOX_COLUMNS].to_parquet(root / "boxes.parquet", index=False)
 
     def annotations(self, image_ids, classes: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
@@ -139,8 +145,13 @@ def test_ids(split_dir: str | Path) -> list[str]:
 
 
 def make_images_frame(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=IMAGE_COLUMNS)
-    return df.astype({"width": "int32", "height": "int32"})
+    """The images manifest of ``rows``; a ``RAW_IMAGE_COLUMNS`` column only when some row has it."""
+    extra = {c: v for c, v in RAW_IMAGE_COLUMNS.items() if any(c in r for r in rows)}
+    df = pd.DataFrame(rows, columns=IMAGE_COLUMNS + list(extra))
+    if extra:
+        df = df.fillna(extra)
+    sizes = [c for c in ("width", "height", "declared_width", "declared_height") if c in df]
+    return df.astype({c: "int32" for c in sizes})
 
 
 def make_boxes_frame(rows: list[dict]) -> pd.DataFrame:

@@ -1,8 +1,10 @@
 """etl: decode every image, normalise it to 8-bit grey PNG, and check every box.
 
 An image is rejected, with its boxes, when it cannot be decoded, duplicates an earlier image byte
-for byte, its template does not match its size, or one of its boxes is invalid (unknown class,
-degenerate, or outside the image unless ``etl.out_of_image: clip``). Rejections and clips are listed
+for byte, its template is missing (in a dataset of test/template pairs) or does not match its size,
+its VOC ``<size>`` is not the image's (unless ``etl.voc_size_mismatch: rescale``, which scales its
+boxes), or one of its boxes is invalid (unknown class, degenerate, or outside the image unless
+``etl.out_of_image: clip``). Rejections and clips are listed
 in the report with the reason; nothing is dropped silently. Images larger than ``etl.tile_size``
 (PKU-style photos) are cut into overlapping tiles; a cut box keeps its label when at least
 ``etl.tile_min_visibility`` of it lies in the tile. With ``etl.register_max_px`` > 0 each template is
@@ -23,7 +25,8 @@ from tqdm import tqdm
 
 from ..edge.preprocess import read_grey, register_template
 from ..pipeline.config import EtlConfig
-from .dataset import REGISTRATION, Dataset, atomic_dir, make_boxes_frame, make_images_frame, per_class_counts
+from .dataset import (IMAGE_COLUMNS, REGISTRATION, Dataset, atomic_dir, make_boxes_frame, make_images_frame,
+                      per_class_counts)
 
 
 def box_problem(row, width: int, height: int, classes: tuple[str, ...], min_px: float) -> str | None:
@@ -83,7 +86,10 @@ def _tiles(cfg: EtlConfig, test: np.ndarray):
 def run(cfg: EtlConfig, classes: tuple[str, ...], src: str | Path, out: str | Path) -> dict:
     """Clean dataset ``src`` into ``out`` atomically; return the ``reports/etl.json`` summary."""
     ds = Dataset.load(src)
-    images, boxes, rejected, clipped, moved, seen = [], [], [], [], [], {}
+    images, boxes, rejected, clipped, moved, rescaled, seen = [], [], [], [], [], [], {}
+    # test/template pairs (DeepPCB, synthetic): an image without its template cannot be used as a pair, and a
+    # model trained on pairs cannot read it; sources without templates (VOC, YOLO, COCO) have none at all
+    paired = bool(ds.images["template_path"].astype(bool).any())
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         for img in tqdm(ds.images.itertuples(index=False), total=len(ds.images), desc="etl", unit="img"):
@@ -94,6 +100,9 @@ def run(cfg: EtlConfig, classes: tuple[str, ...], src: str | Path, out: str | Pa
                 if digest in seen:  # the same picture twice could land in two splits
                     why = f"{img.path}: duplicate of image {seen[digest]!r} (same bytes)"
                 seen.setdefault(digest, img.image_id)
+            if why is None and paired and not img.template_path:
+                expected = getattr(img, "expected_template", "") or "no template_path in images.parquet"
+                why = f"template missing: {expected}"
             if why is None and img.template_path:
                 template, why = _decode(ds.root / img.template_path)
                 if why is None and template.shape != test.shape:
@@ -105,6 +114,8 @@ def run(cfg: EtlConfig, classes: tuple[str, ...], src: str | Path, out: str | Pa
             if why is None and (test.shape[1], test.shape[0]) != (img.width, img.height):
                 why = f"{img.path}: manifest says {img.width}x{img.height}, file is {test.shape[1]}x{test.shape[0]}"
             own = ds.boxes_of(img.image_id)
+            if why is None and getattr(img, "declared_width", 0) and getattr(img, "declared_height", 0):
+                own, why = _declared_size(cfg, own, img, rescaled)
             if why is None:
                 own, why = _check_boxes(cfg, own, img, classes, clipped)
             if why is not None:
@@ -112,7 +123,7 @@ def run(cfg: EtlConfig, classes: tuple[str, ...], src: str | Path, out: str | Pa
                 continue
             windows = _tiles(cfg, test)
             for x0, y0, w, h in windows:
-                row = img._asdict()
+                row = {c: getattr(img, c) for c in IMAGE_COLUMNS}  # raw-only columns stay behind
                 if len(windows) > 1:
                     row.update(image_id=f"{img.image_id}_x{x0}_y{y0}", width=w, height=h)
                 row["path"] = f"images/{row['image_id']}_test.png"
@@ -134,11 +145,31 @@ def run(cfg: EtlConfig, classes: tuple[str, ...], src: str | Path, out: str | Pa
         "rejected_images": len(rejected),
         "clipped_boxes": len(clipped),
         "registered_pairs_moved": len(moved),  # templates moved onto their test image (etl.register_max_px)
+        "voc_size_rescaled_images": len(rescaled),  # boxes scaled to the image (etl.voc_size_mismatch: rescale)
         "per_class": per_class_counts(clean.boxes, classes),
         "rejected": rejected,
         "clipped": clipped,
         "registration_moves": moved,
+        "voc_size_rescales": rescaled,
     }
+
+
+def _declared_size(cfg: EtlConfig, own: pd.DataFrame, img, rescaled: list) -> tuple[pd.DataFrame, str | None]:
+    """Boxes of an image whose annotation declares its size (VOC ``<size>``): as they are when it is the
+    image's; else the image is rejected, or (``etl.voc_size_mismatch: rescale``) its boxes are scaled by
+    image / declared per axis, taken to be drawn on a resized copy."""
+    declared, actual = (int(img.declared_width), int(img.declared_height)), (int(img.width), int(img.height))
+    if declared == actual:
+        return own, None
+    if cfg.voc_size_mismatch == "reject":
+        return own, (f"{img.path}: the VOC <size> says {declared[0]}x{declared[1]}, the image is "
+                     f"{actual[0]}x{actual[1]} (boxes drawn on a resized copy?); etl.voc_size_mismatch: rescale "
+                     "scales its boxes to the image")
+    sx, sy = actual[0] / declared[0], actual[1] / declared[1]
+    own = own.assign(x1=own.x1 * sx, x2=own.x2 * sx, y1=own.y1 * sy, y2=own.y2 * sy)
+    rescaled.append({"image_id": img.image_id, "declared": list(declared), "image": list(actual),
+                     "scale": [round(sx, 6), round(sy, 6)]})
+    return own, None
 
 
 def _check_boxes(cfg: EtlConfig, own: pd.DataFrame, img, classes, clipped: list) -> tuple[pd.DataFrame, str | None]:

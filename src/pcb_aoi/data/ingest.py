@@ -66,9 +66,11 @@ def map_classes(boxes: list[dict], class_map: dict[str, str], classes: tuple[str
         b["class_name"] = class_map.get(b["class_name"], b["class_name"])
 
 
-def ingest_folder(cfg: IngestConfig, classes: tuple[str, ...], root: Path, out: Path) -> Dataset:
-    """Read ``root`` with the reader of ``cfg.source`` and copy its images into ``out/images``."""
-    images, boxes = READERS[cfg.source](root, cfg.board_regex)
+def ingest_folder(cfg: IngestConfig, classes: tuple[str, ...], root: Path, out: Path,
+                  report: dict | None = None) -> Dataset:
+    """Read ``root`` with the reader of ``cfg.source`` and copy its images into ``out/images``; what the
+    reader skipped goes into ``report``."""
+    images, boxes = READERS[cfg.source](root, cfg.board_regex, report)
     map_classes(boxes, cfg.class_map, classes)
     dup = pd.Series([r["image_id"] for r in images]).duplicated()
     if dup.any():
@@ -91,11 +93,12 @@ def ingest_folder(cfg: IngestConfig, classes: tuple[str, ...], root: Path, out: 
 
 def run(cfg: IngestConfig, seed: int, classes: tuple[str, ...], out: str | Path) -> dict:
     """Write the canonical dataset to ``out`` atomically; return the ``reports/ingest.json`` summary."""
+    skipped = {}  # what the reader skipped (DeepPCB: list lines naming no pair)
     with atomic_dir(out) as tmp:
         if cfg.source == "synthetic":
             ds = ingest_synthetic(cfg.synthetic, seed, tmp)
         else:
-            ds = ingest_folder(cfg, classes, resolve(cfg.uri, cfg.sha256), tmp)
+            ds = ingest_folder(cfg, classes, resolve(cfg.uri, cfg.sha256), tmp, skipped)
         ds.save(tmp)
     return {
         "source": cfg.source,
@@ -103,4 +106,5 @@ def run(cfg: IngestConfig, seed: int, classes: tuple[str, ...], out: str | Path)
         "boxes": int(len(ds.boxes)),
         "boards": int(ds.images["board_id"].nunique()),
         "per_class": per_class_counts(ds.boxes, classes),
+        **skipped,
     }

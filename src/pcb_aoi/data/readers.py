@@ -3,7 +3,10 @@
 Each reader returns ``(images, boxes)``: lists of dicts in the canonical manifest shape (see
 ``dataset.py``) except that ``path`` / ``template_path`` are absolute source files, which ``ingest``
 copies into the dataset. Class names are the source's own; ``ingest`` maps them to the project's
-taxonomy. Every problem raises ``DataError`` naming the file and line (or field).
+taxonomy. Every problem raises ``DataError`` naming the file and line (or field); what a reader
+skips without failing goes into its ``report`` dict, which ingest writes into ``reports/ingest.json``.
+A row may carry what only etl can check against the pixels: ``expected_template`` (the source path of a
+template that is not there) and ``declared_width`` / ``declared_height`` (a VOC ``<size>``).
 """
 from __future__ import annotations
 
@@ -43,23 +46,20 @@ def _image_row(image_id: str, path: Path, template: Path | None, board: str, spl
                 width=0, height=0, board_id=board, source_split=split)  # size: filled in by ingest
 
 
-def read_deeppcb(root: Path, board_regex: str = "") -> tuple[list[dict], list[dict]]:
+LIST_LINES_SHOWN = 20  # missing list lines named in reports/ingest.json; the count covers all
+
+
+def read_deeppcb(root: Path, board_regex: str = "", report: dict | None = None) -> tuple[list[dict], list[dict]]:
     """``PCBData/groupG/N/X_test.jpg`` + ``X_temp.jpg``, labels ``groupG/N_not/X.txt`` (x1 y1 x2 y2 id).
 
     The board id is the group (``board_regex`` is not used); the official ``trainval.txt`` /
-    ``test.txt`` lists, when present, fill ``source_split``.
+    ``test.txt`` lists, when present, fill ``source_split``. A pair without its ``_temp`` file keeps its
+    expected path in ``expected_template`` (etl rejects it, naming the path).
     """
     base = root / "PCBData" if (root / "PCBData").is_dir() else root
     groups = sorted(p for p in base.glob("group*") if p.is_dir())
     if not groups:
         raise DataError(f"{root}: no DeepPCB group*/ folders found (expected PCBData/groupNNNNN/...)")
-    splits = {}
-    for name in ("trainval", "test"):  # official lists: "groupG/N/X.jpg groupG/N_not/X.txt"
-        lst = base / f"{name}.txt"
-        if lst.is_file():
-            for i, line in enumerate(lst.read_text().splitlines(), 1):
-                if line.strip():
-                    splits[Path(line.split()[0]).stem] = name
     images, boxes = [], []
     for g in groups:
         for label in sorted(g.glob("*_not/*.txt")):
@@ -67,8 +67,10 @@ def read_deeppcb(root: Path, board_regex: str = "") -> tuple[list[dict], list[di
             test, temp = folder / f"{stem}_test.jpg", folder / f"{stem}_temp.jpg"
             if not test.is_file():
                 raise DataError(f"{label}: label without image (expected {test})")
-            images.append(_image_row(stem, test, temp if temp.is_file() else None, g.name.removeprefix("group"),
-                                     splits.get(stem, "")))
+            row = _image_row(stem, test, temp if temp.is_file() else None, g.name.removeprefix("group"))
+            if not temp.is_file():
+                row["expected_template"] = str(temp)
+            images.append(row)
             lines = label.read_text().splitlines()
             for n, line in enumerate(lines, 1):
                 if not line.strip():
@@ -83,15 +85,50 @@ def read_deeppcb(root: Path, board_regex: str = "") -> tuple[list[dict], list[di
             if test not in labelled:
                 raise DataError(f"{test}: image without label (expected {test.parent}_not/"
                                 f"{test.stem.removesuffix('_test')}.txt)")
+    _deeppcb_lists(root, base, images, report if report is not None else {})
     return images, boxes
+
+
+def _deeppcb_lists(root: Path, base: Path, images: list[dict], report: dict) -> None:
+    """Fill ``source_split`` from the official lists (lines ``groupG/N/X.jpg groupG/N_not/X.txt``).
+
+    A line naming a pair that is not there is listed in ``report`` (file:line: pair); a list naming
+    none that is there is an error: it is for another copy of the data.
+    """
+    by_path = {Path(r["path"]): r for r in images}
+    missing = []
+    for name in ("trainval", "test"):
+        lst = base / f"{name}.txt"
+        if not lst.is_file():
+            continue
+        lines = [(i, line.split()[0]) for i, line in enumerate(lst.read_text().splitlines(), 1) if line.strip()]
+        found = 0
+        for i, pair in lines:
+            test = base / Path(pair).parent / f"{Path(pair).stem}_test.jpg"
+            if test in by_path:
+                by_path[test]["source_split"] = name
+                found += 1
+            else:
+                missing.append(f"{lst.relative_to(root)}:{i}: {pair}")
+        if not found:
+            example = f"; line {lines[0][0]} names {lines[0][1]!r}, no {base / Path(lines[0][1]).parent}/" \
+                      f"{Path(lines[0][1]).stem}_test.jpg" if lines else ""
+            raise DataError(f"{lst}: none of its {len(lines)} lines names a pair under {base}{example}; "
+                            "is the list from another copy of DeepPCB?")
+    report["list_lines_missing_count"] = len(missing)
+    report["list_lines_missing"] = missing[:LIST_LINES_SHOWN]
 
 
 def _find_images(root: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
-def read_voc(root: Path, board_regex: str = "") -> tuple[list[dict], list[dict]]:
-    """Pascal VOC XML files anywhere under ``root``; images found by ``<filename>`` under ``root``."""
+def read_voc(root: Path, board_regex: str = "", report: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """Pascal VOC XML files anywhere under ``root``; images found by ``<filename>`` under ``root``.
+
+    The ``<size>`` is kept as ``declared_width`` / ``declared_height`` (0 when absent): etl compares it
+    with the image, since boxes drawn on a resized copy do not fit the original.
+    """
     xmls = sorted(root.rglob("*.xml"))
     if not xmls:
         raise DataError(f"{root}: no .xml annotation files found")
@@ -109,7 +146,9 @@ def read_voc(root: Path, board_regex: str = "") -> tuple[list[dict], list[dict]]
         if img is None:  # <path> points at the annotator's machine: never trust it
             raise DataError(f"{x}: label without image: {name!r} not found under {root}")
         image_id = img.stem
-        images.append(_image_row(image_id, img, None, _board(image_id, board_regex)))
+        dw, dh = _declared_size(ann.find("size"), x)
+        images.append(_image_row(image_id, img, None, _board(image_id, board_regex))
+                      | {"declared_width": dw, "declared_height": dh})
         for k, obj in enumerate(ann.iter("object")):
             where = f"{x}: <object> #{k + 1}"
             bb = obj.find("bndbox")
@@ -121,6 +160,17 @@ def read_voc(root: Path, board_regex: str = "") -> tuple[list[dict], list[dict]]
     return images, boxes
 
 
+def _declared_size(size: ET.Element, where: Path) -> tuple[int, int]:
+    """(width, height) of a VOC ``<size>``; (0, 0) when it leaves them out or empty (nothing to check)."""
+    text = [(size.findtext(t) or "").strip() for t in ("width", "height")]
+    if not all(text):
+        return 0, 0
+    w, h = _numbers(" ".join(text), 2, f"{where}: <size>")
+    if w != int(w) or h != int(h) or w < 0 or h < 0:
+        raise DataError(f"{where}: <size>: width and height must be whole pixels >= 0, got {w:g}x{h:g}")
+    return int(w), int(h)
+
+
 def _board(image_id: str, regex: str) -> str:
     """Board id from the file stem via ``ingest.board_regex`` (group 1), else the image itself."""
     if regex and (m := re.search(regex, image_id)):
@@ -128,7 +178,7 @@ def _board(image_id: str, regex: str) -> str:
     return image_id
 
 
-def read_yolo(root: Path, board_regex: str = "") -> tuple[list[dict], list[dict]]:
+def read_yolo(root: Path, board_regex: str = "", report: dict | None = None) -> tuple[list[dict], list[dict]]:
     """``data.yaml`` (names) + ``images/**`` + ``labels/**`` with normalised ``cls cx cy w h`` lines.
 
     An image without a label file has no defects (the YOLO convention); sizes are read by ingest, so
@@ -169,7 +219,7 @@ def read_yolo(root: Path, board_regex: str = "") -> tuple[list[dict], list[dict]
     return images, boxes
 
 
-def read_coco(root: Path, board_regex: str = "") -> tuple[list[dict], list[dict]]:
+def read_coco(root: Path, board_regex: str = "", report: dict | None = None) -> tuple[list[dict], list[dict]]:
     """A COCO instances JSON (``root`` itself, or the single ``*.json`` in it)."""
     jsons = [root] if root.is_file() else sorted(root.rglob("*.json"))
     if len(jsons) != 1:

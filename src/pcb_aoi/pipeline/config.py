@@ -83,6 +83,8 @@ class IngestConfig(Section):
 class EtlConfig(Section):
     min_box_px: float = Field(2.0, ge=0)  # boxes narrower or shorter than this are rejected as degenerate
     out_of_image: Literal["reject", "clip"] = "reject"  # a box crossing the image border
+    # a VOC <size> other than the image's: reject the image, or scale its boxes by image / declared per axis
+    voc_size_mismatch: Literal["reject", "rescale"] = "reject"
     tile_size: int = 0  # images larger than this (px) are cut into tiles of this size; 0 = never
     tile_overlap: int = 64  # px shared by neighbouring tiles
     tile_min_visibility: Probability = 0.5  # a cut box keeps its label if this fraction of it is in the tile
