@@ -335,3 +335,48 @@ def test_train_report_records_precision_as_run_and_the_machine(tiny_pipeline, tm
     assert report["precision_requested"] == "auto"
     assert report["precision"] == ("bf16" if machine.cpu().bf16_native else "fp32")
     assert report["machine"]["cpu"] == machine.cpu().describe() and report["machine"]["gpu"] is None
+
+
+def _manifests(root, templates: list[str]):
+    """A dataset's manifests only (the template check reads no pixels): one image per entry of ``templates``."""
+    from pcb_aoi.data.dataset import make_boxes_frame, make_images_frame
+    root.mkdir(parents=True)
+    rows = [dict(image_id=f"im{i}", path=f"images/im{i}_test.png", template_path=t, width=64, height=64,
+                 board_id="b", source_split="") for i, t in enumerate(templates)]
+    Dataset(root, make_images_frame(rows), make_boxes_frame([])).save(root)
+    return root
+
+
+def test_missing_templates_stop_train_and_evaluate_naming_the_images_never_a_silent_single_image_model(tmp_path):
+    from pcb_aoi.model.inference import predict
+    from pcb_aoi.pipeline.config import CLASSES, TrainConfig
+
+    def train(data, **model):
+        cfg = TrainConfig.model_validate({"model": model})
+        return training.run(cfg, 0, CLASSES, data, tmp_path / "clean", tmp_path / "split", tmp_path / "m/model.pt",
+                            tmp_path / "live")
+
+    some = _manifests(tmp_path / "some", ["images/im0_temp.png", "", "images/im2_temp.png", ""])
+    with pytest.raises(ValueError, match=r"train.model.use_template: true, but 2 of the 4 training images in .*some "
+                                         r"have no template \(im1, im3\); fix the data .* or set "
+                                         r"train.model.use_template: false"):
+        train(some)
+    none = _manifests(tmp_path / "none", ["", ""])  # a VOC / YOLO / COCO source
+    with pytest.raises(ValueError, match=r"train.model.use_template: true, but none of the 2 training images .*"
+                                         r"set train.model.use_template: false"):
+        train(none)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "live").exists()
+
+    def runner(x):
+        raise AssertionError("no image should reach the model")
+    with pytest.raises(ValueError, match=r"some/images.parquet: 2 image\(s\) without a template \(im1, im3\)"):
+        predict(runner, Dataset.load(some), ["im0", "im1", "im2", "im3"], use_template=True)
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    stage = subprocess.run([sys.executable, str(ROOT / "src/stages/train.py"), "--params", str(params),
+                            "--train", str(some), "--clean", str(tmp_path / "clean"), "--split", str(tmp_path / "split"),
+                            "--model", str(tmp_path / "m/model.pt"), "--live", str(tmp_path / "live"),
+                            "--report", str(tmp_path / "train.json")], capture_output=True, text=True)
+    assert stage.returncode == 1 and "2 of the 4 training images" in stage.stderr, stage.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "train.json").exists()

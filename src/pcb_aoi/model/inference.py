@@ -65,6 +65,11 @@ def predict(runner: Runner, ds: Dataset, image_ids: Iterable[str], use_template:
             score_threshold: float = MIN_SCORE) -> dict[str, dict[str, np.ndarray]]:
     """Run ``runner`` over images of ``ds``; boxes are clipped to each image."""
     rows = ds.rows(image_ids)
+    bare = [r.image_id for r in rows if not r.template_path] if use_template else []
+    if bare:  # named here: prepare_input, deeper down, cannot say which image it is
+        raise ValueError(f"{ds.root}/images.parquet: {len(bare)} image(s) without a template ({', '.join(bare[:5])}"
+                         f"{', ...' if len(bare) > 5 else ''}), but the model takes (test, template) pairs; "
+                         "re-run etl, which rejects them")
     results = {}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]

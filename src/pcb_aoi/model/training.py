@@ -165,9 +165,10 @@ def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_di
         print(f"train: warning: {warning}", flush=True)
     if ddp.world > 1 and cfg.batch_size % ddp.world:
         raise ValueError(f"train.batch_size: {cfg.batch_size} is not divisible by the {ddp.world} processes")
-    train_ds, clean = Dataset.load(train_dir), Dataset.load(clean_dir)
+    train_ds = Dataset.load(train_dir)
+    check_templates(cfg.model.use_template, train_ds)
+    clean, use_template = Dataset.load(clean_dir), cfg.model.use_template
     val_ids = split_ids(split_dir, "val")
-    use_template = cfg.model.use_template and bool(train_ds.images["template_path"].astype(bool).all())
     ctx = Context(cfg, seed, classes, clean, clean_dir, val_ids, use_template, model_out, ddp, device, precision)
     parts = build(ctx, train_ds)
     # As run: an `auto` run resumed on a machine that resolves it otherwise starts over.
@@ -177,6 +178,25 @@ def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_di
     if ddp.main:
         ctx.resume_path.unlink(missing_ok=True)  # finished: nothing to resume
     return summary(ctx, parts, progress)
+
+
+def check_templates(use_template: bool, train_ds: Dataset, shown: int = 5) -> None:
+    """ValueError when a reference-based model (``train.model.use_template: true``) would get training
+    images without a template: the model's input is what params say, never switched silently."""
+    if not use_template:
+        return
+    bare = train_ds.images.loc[~train_ds.images["template_path"].astype(bool), "image_id"].tolist()
+    n = len(train_ds.images)
+    if bare and len(bare) == n:
+        raise ValueError(f"train.model.use_template: true, but none of the {n} training images in {train_ds.root} "
+                         "has a template (a source without templates: VOC, YOLO, COCO); set "
+                         "train.model.use_template: false for a single-image model")
+    if bare:
+        ids = ", ".join(bare[:shown]) + (", ..." if len(bare) > shown else "")
+        raise ValueError(f"train.model.use_template: true, but {len(bare)} of the {n} training images in "
+                         f"{train_ds.root} have no template ({ids}); fix the data (etl rejects a pair whose "
+                         "template is missing: re-run etl) or set train.model.use_template: false to train a "
+                         "single-image model on all of them")
 
 
 def build(ctx: Context, train_ds: Dataset) -> Parts:
