@@ -20,8 +20,19 @@ the journal: an image listed there (ok or error) is never processed again, also 
 Per image it also writes ``OUT_DIR/<name>.json`` atomically. Files still being written are left
 alone until their size and time stamp stay the same for ``--settle`` seconds; hidden files and
 ``*.tmp``/``*.part`` names are ignored (write ``x.png.tmp`` and rename it, the safe way to drop a
-file). A corrupt image is logged and journaled as an error; the watcher moves on. SIGINT/SIGTERM:
-the current image is finished, then the app exits 0.
+file). SIGINT/SIGTERM: the current image is finished, then the app exits 0.
+
+Errors never stop the app: any exception on one image (a corrupt file, an ONNX Runtime error, a
+bug) becomes that image's ``{"status": "error", "error": "<Type>: <message>"}`` record (an EdgeError
+gives just its message, which names the file) and the next image is processed; with a list of files
+the exit status is then 1. What cannot be caught (SIGKILL, a segfault in a decoder, the OOM killer,
+a power cut) is handled at the next start: before an image is read, its name goes into
+``OUT_DIR/inflight.json`` (rewritten atomically, so never torn; it lists the image being inspected
+and the one read ahead). At start, an image listed there without a line in the journal is
+journaled once: with its ``<name>.json`` if that was written (the stop came between the two
+writes), else as an error "the process stopped while inspecting this image (killed or crashed);
+not retried", so an image that crashes the process is never retried in a loop. A journal line torn
+by a kill is skipped with a warning (its image is then recovered as above).
 
 INT8 models: the arithmetic of some INT8 formats depends on the CPU (``pcb_aoi.edge.int8``: full-range int8
 weights saturate on x86 CPUs without VNNI). At start the app warns, naming the model's format and this
@@ -56,6 +67,8 @@ from .runtime import EdgeError, EdgeModel, read_grey, read_pair
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", "~")
 JOURNAL = "results.jsonl"
+INFLIGHT = "inflight.json"
+STOPPED = "the process stopped while inspecting this image (killed or crashed); not retried"
 
 
 log = logging.getLogger(__name__)  # the app's lines on stderr, "HH:MM:SS message" (setup_logging)
@@ -158,17 +171,24 @@ class Inspector:
             self._templates = {key: template}
         return t0, test, self.model.register(test, template)
 
-    def process_all(self, images: Iterable[Path]) -> Iterator[dict]:
-        """One record per image, in order; the next image is read while the current one is inferred."""
+    def process_all(self, images: Iterable[Path], on_start=None) -> Iterator[dict]:
+        """One record per image, in order; the next image is read while the current one is inferred.
+
+        ``on_start(image)`` runs just before an image starts to be read (folder mode: ``Journal.start``)."""
+        def submit(image):
+            if on_start is not None:
+                on_start(image)
+            return reader.submit(self.load, image)
+
         with ThreadPoolExecutor(1, thread_name_prefix="pcb-aoi-reader") as reader:
             it = iter(images)
             image = next(it, None)
-            loading = reader.submit(self.load, image) if image is not None else None
+            loading = submit(image) if image is not None else None
             while image is not None:
                 current, current_loading = image, loading
                 image = next(it, None)
                 if image is not None:
-                    loading = reader.submit(self.load, image)  # read ahead
+                    loading = submit(image)  # read ahead
                 yield self._infer(current, current_loading)
 
     def _infer(self, image: Path, loading) -> dict:
@@ -178,9 +198,10 @@ class Inspector:
             dets = self.model.detect(test, template, self.args.score, name=str(image), registered=True)
             if self.args.overlay_dir:
                 write_overlay(image, dets, self.args.overlay_dir)
-        except EdgeError as e:
-            log.error("error: %s", e)
-            return {"file": str(image), "status": "error", "error": str(e)}
+        except Exception as e:  # any error is this image's record; the app goes on with the next one
+            why = str(e) if isinstance(e, EdgeError) else f"{type(e).__name__}: {str(e).strip()}"
+            log.error("error: %s", why if isinstance(e, EdgeError) else f"{image}: {why}")
+            return {"file": str(image), "status": "error", "error": why}
         ms = (time.perf_counter() - t0) * 1e3
         image_log.info("ok %s: %d defect(s) (%.1f ms)", image.name, len(dets), ms)
         return {"file": str(image), "status": "ok", "detections": [d.to_dict() for d in dets], "ms": round(ms, 2)}
@@ -201,20 +222,69 @@ def run_files(inspector: Inspector, images: list[Path], out: Path | None) -> int
 
 
 class Journal:
-    """``results.jsonl``: one complete line per finished image; what it lists is never redone."""
+    """Folder mode's record of work, in ``out_dir``: ``results.jsonl``, one complete line per finished image
+    (what it lists is never redone), and ``inflight.json``, the images started and not yet journaled.
 
-    def __init__(self, path: Path):
-        self.path, self.done = path, set()
-        if path.exists():
-            raw = path.read_bytes()
-            for line in raw.splitlines():
+    Opening it finishes what a killed run left: each image in ``inflight.json`` without a journal line is
+    journaled once (its ``<name>.json`` if written, else an error, ``STOPPED``); see the module docstring."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir, self.path, self.done = out_dir, out_dir / JOURNAL, set()
+        self.inflight: dict[str, str] = {}  # name -> path, in the order started
+        if self.path.exists():
+            raw = self.path.read_bytes()
+            for i, line in enumerate(raw.splitlines(), 1):
                 try:
                     self.done.add(Path(json.loads(line)["file"]).name)
-                except (ValueError, KeyError, TypeError):  # a line torn by a power cut: redo that image
-                    continue
+                except (ValueError, KeyError, TypeError):
+                    if line.strip():
+                        log.warning("warning: %s line %d is torn (the process stopped while writing it); "
+                                    "skipped", self.path, i)
             if raw and not raw.endswith(b"\n"):
-                with open(path, "ab") as f:
+                with open(self.path, "ab") as f:
                     f.write(b"\n")
+        self._recover()
+
+    def _recover(self) -> None:
+        path = self.out_dir / INFLIGHT
+        try:
+            started = json.loads(path.read_text())["files"] if path.exists() else []
+        except (ValueError, KeyError, TypeError, OSError) as e:  # written atomically: only if edited by hand
+            log.warning("warning: %s unreadable (%s); images in flight before the restart are not known", path, e)
+            started = []
+        for file in started:
+            name = Path(file).name
+            if name in self.done:
+                continue
+            record = None
+            try:  # the per-image result is written before the journal line: a stop in between left it
+                record = json.loads((self.out_dir / f"{name}.json").read_text())
+                if Path(record["file"]).name != name or record["status"] not in ("ok", "error"):
+                    record = None
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            if record is None:
+                log.error("error: %s: %s", file, STOPPED)
+                record = {"file": file, "status": "error", "error": STOPPED}
+                write_atomic(self.out_dir / f"{name}.json", (json.dumps(record, indent=1) + "\n").encode())
+            else:
+                log.warning("warning: %s: finished before the process stopped; journaled from %s.json", file, name)
+            self.add(record)
+        self._write_inflight()
+
+    def _write_inflight(self) -> None:
+        write_atomic(self.out_dir / INFLIGHT, json.dumps({"files": list(self.inflight.values())}).encode())
+
+    def start(self, image: Path) -> None:
+        """``image`` is about to be read and inspected: listed in ``inflight.json`` (fsynced) first."""
+        self.inflight = {n: f for n, f in self.inflight.items() if n not in self.done}  # finished: dropped here
+        self.inflight[image.name] = str(image)
+        self._write_inflight()
+
+    def release(self) -> None:
+        """Stopping cleanly: the image read ahead and not inspected is no longer in flight (the next run does it)."""
+        self.inflight = {}
+        self._write_inflight()
 
     def add(self, record: dict) -> None:
         with open(self.path, "ab") as f:
@@ -238,7 +308,7 @@ def watch(inspector: Inspector, in_dir: Path, out_dir: Path, args: argparse.Name
     if not in_dir.is_dir():
         raise EdgeError(f"{in_dir}: watch folder not found")
     out_dir.mkdir(parents=True, exist_ok=True)
-    journal = Journal(out_dir / JOURNAL)
+    journal = Journal(out_dir)
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -258,7 +328,7 @@ def watch(inspector: Inspector, in_dir: Path, out_dir: Path, args: argparse.Name
                 continue
             try:
                 st = p.stat()
-            except FileNotFoundError:  # renamed or deleted between listing and stat
+            except OSError:  # renamed or deleted between listing and stat (or unreadable: try again later)
                 continue
             sig, prev = (st.st_size, st.st_mtime_ns), seen.get(p.name)
             seen[p.name] = sig
@@ -269,12 +339,18 @@ def watch(inspector: Inspector, in_dir: Path, out_dir: Path, args: argparse.Name
                 if tpl is not None and not tpl.is_file() and now - waiting.setdefault(p.name, now) < args.template_wait:
                     continue  # the pair's template may still be on its way
             ready.append(p)
-        for p, record in zip(ready, inspector.process_all(ready)):
-            write_atomic(out_dir / f"{p.name}.json", (json.dumps(record, indent=1) + "\n").encode())
-            journal.add(record)  # after the result file: a crash in between redoes the image, never loses it
-            processed += 1
-            if stop.is_set():
-                break  # the image read ahead is not journaled: the next run does it
+        records = inspector.process_all(ready, on_start=journal.start)
+        try:
+            for p, record in zip(ready, records):
+                write_atomic(out_dir / f"{p.name}.json", (json.dumps(record, indent=1) + "\n").encode())
+                journal.add(record)  # after the result file: a restart after a kill in between journals that
+                processed += 1
+                if stop.is_set():
+                    break
+        finally:
+            records.close()  # waits for the reader thread
+        if stop.is_set():
+            journal.release()  # the image read ahead is not journaled: the next run does it
         stop.wait(args.poll)
     log.info("stopped; %d image(s) processed in this run", processed)
     return 0
