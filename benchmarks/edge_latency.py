@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pcb_aoi.edge import machine
-from pcb_aoi.edge.app import Inspector
+from pcb_aoi.edge.inspector import Inspector
 from pcb_aoi.edge.contract import PROVIDERS
 from pcb_aoi.edge.runtime import EdgeModel, read_grey, read_pair
 

@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from pcb_aoi.edge import app, runtime
+from pcb_aoi.edge import app, folder, runtime
 from pcb_aoi.edge.contract import INPUT
 from test_edge import CHECK_IMPORTS, detect, drop_pair, models, no_torch_env, wait_for  # noqa: F401 (fixtures)
 
@@ -150,7 +150,7 @@ def test_journal_skips_a_torn_line_and_journals_images_in_flight_once(tmp_path, 
     assert journal.done == {"a_test.png", "b_test.png", "c_test.png"}
     recs = journal_lines(out)
     assert recs[:2] == [a, b] and len(recs) == 3  # the torn line skipped, b's result taken from b_test.png.json
-    assert recs[2] == {"file": c["file"], "status": "error", "error": app.STOPPED}
+    assert recs[2] == {"file": c["file"], "status": "error", "error": folder.STOPPED}
     assert json.loads((out / "c_test.png.json").read_text()) == recs[2]
     assert json.loads((out / "inflight.json").read_text()) == {"files": []}
     # Opening it again changes nothing; an image started and never finished is an error once.
@@ -160,7 +160,7 @@ def test_journal_skips_a_torn_line_and_journals_images_in_flight_once(tmp_path, 
     app.Journal(out)
     recs = journal_lines(out)
     assert names(recs) == ["a_test.png", "b_test.png", "c_test.png", "d_test.png"]
-    assert recs[3]["error"] == app.STOPPED
+    assert recs[3]["error"] == folder.STOPPED
     torn = re.findall(r"results.jsonl line (\d+) is torn", capsys.readouterr().err)
     assert torn == ["2", "2", "2"]  # the same line at each start: the lines after it are whole
 
@@ -193,7 +193,7 @@ def test_watcher_killed_mid_image_journals_it_once_and_goes_on(guarded, no_torch
     assert sorted(names(recs)) == sorted(by_name) == sorted(expected)  # each once
     narrow = by_name["narrow_test.png"]
     assert narrow["status"] == "error" and "cannot be reshaped" in narrow["error"]
-    stopped = {n for n, r in by_name.items() if r.get("error") == app.STOPPED}
+    stopped = {n for n, r in by_name.items() if r.get("error") == folder.STOPPED}
     assert stopped <= in_flight and len(in_flight) <= 2  # the image inspected and the one read ahead
     assert set(names(recs)[killed_at:killed_at + len(in_flight)]) == in_flight  # journaled first at the restart
     for n, r in by_name.items():
@@ -292,7 +292,7 @@ def test_soak_a_stream_with_bad_files_and_two_kills(guarded, no_torch_env, tmp_p
     late = {k for k, (a, b) in halves.items() if b - a >= settle - 0.1}
     recs = journal_lines(out)
     by_name = {Path(r["file"]).name: r for r in recs}
-    stopped = {k for k, r in by_name.items() if r.get("error") == app.STOPPED}
+    stopped = {k for k, r in by_name.items() if r.get("error") == folder.STOPPED}
     ok = sum(r["status"] == "ok" for r in recs)
     print(f"\nsoak: {n} images dropped ({len(good)} good, {len(bad)} bad), {ok} ok, {len(recs) - ok} errors "
           f"({len(stopped)} in flight at a kill), {restarts} restarts after SIGKILL, {wall:.1f} s; "

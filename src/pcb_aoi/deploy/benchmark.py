@@ -3,7 +3,7 @@ PyTorch eager reference, per execution provider, measured in one run.
 
 Deployable files: ``model.onnx`` (FP32, numpy decoding), ``model.e2e.onnx`` (FP32, decoding and NMS in the
 graph: the file the README deploys) and ``model.int8.onnx``. Each runs as ``pcb-aoi-detect`` runs it
-(``deploy.measure``: ``edge.app.Inspector`` reading the test PNG and its template at once and registering
+(``deploy.measure``: ``edge.inspector.Inspector`` reading the test PNG and its template at once and registering
 them when the contract asks, ``edge.runtime.EdgeModel.detect``; sessions whose threads sleep between
 pairs). Per variant: latency per pair one at a time (warm-up excluded) p50/p95/p99; ``fps`` = pairs /
 wall time over a stream of ``benchmark.stream_pairs`` pairs with the app's read-ahead (the next pair
@@ -113,7 +113,7 @@ def run(cfg: BenchmarkConfig, inputs: Inputs, out: str | Path, *, train_step: Tr
         "image_size": [int(rows[0].width), int(rows[0].height)],
         "test_images": len(ids),
         "providers": [PROVIDERS[k] for k in available],  # in onnxruntime's names
-        "fps_measured_as": "pairs / wall time of the edge app's read-ahead loop (edge.app.Inspector.process_all) "
+        "fps_measured_as": "pairs / wall time of the edge app's read-ahead loop (edge.inspector.Inspector.process_all) "
                            "over stream_pairs pairs, the test pairs cycled; ms_p50/p95/p99: one pair at a time",
         "variants": variants,
         # Latency ratios, one pair at a time (the stream's fps ratios are in the variants).

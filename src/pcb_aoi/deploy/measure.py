@@ -1,7 +1,7 @@
 """One model measured through the edge app's own code path: speed (one pair at a time, and a stream with
 the app's read-ahead) and detections on the test split for scoring.
 
-Every pass goes through ``pcb_aoi.edge.app.Inspector``: ``Inspector.load`` decodes the test PNG and its
+Every pass goes through ``pcb_aoi.edge.inspector.Inspector``: ``Inspector.load`` decodes the test PNG and its
 template at once and registers the pair when the model's contract asks for it, ``EdgeModel.detect``
 preprocesses, runs ONNX Runtime and decodes (numpy, or in the graph for ``model.e2e.onnx``). The
 PyTorch reference (``TorchModel``) offers the same three members the Inspector uses, so it is timed by
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..data.dataset import Dataset
-from ..edge.app import Inspector
+from ..edge.inspector import Inspector
 from ..edge.preprocess import register_template
 from ..edge.runtime import Detection, EdgeError
 from ..model.inference import Runner, decode, prepare_input

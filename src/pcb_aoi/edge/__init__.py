@@ -11,7 +11,7 @@ EXPORTS = {
     "detect": "runtime",
     "register_template": "preprocess", "PAD_MULTIPLE": "preprocess", "PAD_VALUES": "preprocess",
     "Cpu": "machine", "cpu": "machine", "FORMATS": "int8", "Int8Format": "int8", "verdict": "int8",
-    "Inspector": "app",
+    "Inspector": "inspector", "Journal": "folder",
 }
 __all__ = sorted(EXPORTS)
 __getattr__, __dir__ = exports(__name__, EXPORTS)

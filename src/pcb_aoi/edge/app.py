@@ -49,30 +49,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
-import tempfile
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
-
-from PIL import Image, ImageDraw
 
 from .contract import PROVIDERS
-from .runtime import EdgeError, EdgeModel, read_grey, read_pair
+from .folder import Journal, watch
+from .inspector import Inspector, image_log, log, write_atomic
+from .runtime import EdgeError, EdgeModel
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", "~")
-JOURNAL = "results.jsonl"
-INFLIGHT = "inflight.json"
-STOPPED = "the process stopped while inspecting this image (killed or crashed); not retried"
-
-
-log = logging.getLogger(__name__)  # the app's lines on stderr, "HH:MM:SS message" (setup_logging)
-image_log = log.getChild("images")  # one line per image inspected; --quiet silences it
+__all__ = ["Inspector", "Journal", "main", "run_files", "watch"]
 
 
 def setup_logging(quiet: bool = False) -> None:
@@ -89,124 +74,6 @@ def setup_logging(quiet: bool = False) -> None:
     image_log.setLevel(logging.WARNING if quiet else logging.NOTSET)
 
 
-def is_template_name(path: Path) -> bool:
-    return path.stem.endswith("_temp")
-
-
-def find_template(image: Path, template: Path | None, template_dir: Path | None) -> Path | None:
-    """The template of ``image`` by the conventions in the module docstring; None if there is none."""
-    if template:
-        return template
-    if template_dir:
-        return template_dir / image.name
-    if image.stem.endswith("_test"):
-        base = image.stem.removesuffix("_test") + "_temp"
-        for suffix in [image.suffix, *sorted(IMAGE_SUFFIXES)]:
-            if (image.with_name(base + suffix)).is_file():
-                return image.with_name(base + suffix)
-        return image.with_name(base + image.suffix)
-    return None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_overlay(image: Path, detections: list, out_dir: Path) -> None:
-    with Image.open(image) as im:
-        rgb = im.convert("RGB")
-    draw = ImageDraw.Draw(rgb)
-    for d in detections:
-        draw.rectangle(d.box, outline=(255, 0, 0), width=2)
-        draw.text((d.box[0], max(0.0, d.box[1] - 11)), f"{d.cls} {d.score:.2f}", fill=(255, 0, 0))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{image.stem}.", suffix=".png", dir=out_dir)
-    os.close(fd)
-    rgb.save(tmp, format="PNG")
-    os.replace(tmp, out_dir / f"{image.stem}.overlay.png")
-
-
-class Inspector:
-    """The model plus how to find templates and where overlays go; ``process_all`` -> one JSON record per image.
-
-    (``Detector`` is the network, ``pcb_aoi.model.network``; this is the app's inspection loop around an
-    exported one.)"""
-
-    def __init__(self, model: EdgeModel, args: argparse.Namespace):
-        self.model, self.args = model, args
-        self._templates: dict[tuple, object] = {}
-
-    def template_path(self, image: Path) -> Path | None:
-        if not self.model.needs_template:
-            return None
-        path = find_template(image, self.args.template, self.args.template_dir)
-        if path is None:
-            raise EdgeError(f"{image}: no template; this model compares each image with its defect-free template: "
-                            "pass --template or --template-dir, or name pairs X_test.png / X_temp.png")
-        if not path.is_file():
-            raise EdgeError(f"{image}: template {path} not found")
-        return path
-
-    def load(self, image: Path) -> tuple[float, object, object]:
-        """(start time, test, registered template) of ``image``; runs in the reader thread, raises EdgeError.
-
-        A template used again (``--template``: one for the whole run) is decoded once; a new one is decoded
-        at the same time as the image."""
-        t0 = time.perf_counter()
-        path = self.template_path(image) if image.is_file() else None  # else read_grey names the missing image
-        key = (str(path), path.stat().st_mtime_ns) if path else None
-        if path is None or key in self._templates:
-            test, template = read_grey(image), self._templates.get(key)
-        else:
-            test, template = read_pair(image, path)
-            self._templates = {key: template}
-        return t0, test, self.model.register(test, template)
-
-    def process_all(self, images: Iterable[Path], on_start=None) -> Iterator[dict]:
-        """One record per image, in order; the next image is read while the current one is inferred.
-
-        ``on_start(image)`` runs just before an image starts to be read (folder mode: ``Journal.start``)."""
-        def submit(image):
-            if on_start is not None:
-                on_start(image)
-            return reader.submit(self.load, image)
-
-        with ThreadPoolExecutor(1, thread_name_prefix="pcb-aoi-reader") as reader:
-            it = iter(images)
-            image = next(it, None)
-            loading = submit(image) if image is not None else None
-            while image is not None:
-                current, current_loading = image, loading
-                image = next(it, None)
-                if image is not None:
-                    loading = submit(image)  # read ahead
-                yield self._infer(current, current_loading)
-
-    def _infer(self, image: Path, loading) -> dict:
-        t0 = time.perf_counter()
-        try:
-            t0, test, template = loading.result()
-            dets = self.model.detect(test, template, self.args.score, name=str(image), registered=True)
-            if self.args.overlay_dir:
-                write_overlay(image, dets, self.args.overlay_dir)
-        except Exception as e:  # any error is this image's record; the app goes on with the next one
-            why = str(e) if isinstance(e, EdgeError) else f"{type(e).__name__}: {str(e).strip()}"
-            log.error("error: %s", why if isinstance(e, EdgeError) else f"{image}: {why}")
-            return {"file": str(image), "status": "error", "error": why}
-        ms = (time.perf_counter() - t0) * 1e3
-        image_log.info("ok %s: %d defect(s) (%.1f ms)", image.name, len(dets), ms)
-        return {"file": str(image), "status": "ok", "detections": [d.to_dict() for d in dets], "ms": round(ms, 2)}
-
-
 def run_files(inspector: Inspector, images: list[Path], out: Path | None) -> int:
     records = list(inspector.process_all(images))
     lines = "".join(json.dumps(r) + "\n" for r in records)
@@ -221,141 +88,6 @@ def run_files(inspector: Inspector, images: list[Path], out: Path | None) -> int
     return 1 if failed else 0
 
 
-class Journal:
-    """Folder mode's record of work, in ``out_dir``: ``results.jsonl``, one complete line per finished image
-    (what it lists is never redone), and ``inflight.json``, the images started and not yet journaled.
-
-    Opening it finishes what a killed run left: each image in ``inflight.json`` without a journal line is
-    journaled once (its ``<name>.json`` if written, else an error, ``STOPPED``); see the module docstring."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir, self.path, self.done = out_dir, out_dir / JOURNAL, set()
-        self.inflight: dict[str, str] = {}  # name -> path, in the order started
-        if self.path.exists():
-            raw = self.path.read_bytes()
-            for i, line in enumerate(raw.splitlines(), 1):
-                try:
-                    self.done.add(Path(json.loads(line)["file"]).name)
-                except (ValueError, KeyError, TypeError):
-                    if line.strip():
-                        log.warning("warning: %s line %d is torn (the process stopped while writing it); "
-                                    "skipped", self.path, i)
-            if raw and not raw.endswith(b"\n"):
-                with open(self.path, "ab") as f:
-                    f.write(b"\n")
-        self._recover()
-
-    def _recover(self) -> None:
-        path = self.out_dir / INFLIGHT
-        try:
-            started = json.loads(path.read_text())["files"] if path.exists() else []
-        except (ValueError, KeyError, TypeError, OSError) as e:  # written atomically: only if edited by hand
-            log.warning("warning: %s unreadable (%s); images in flight before the restart are not known", path, e)
-            started = []
-        for file in started:
-            name = Path(file).name
-            if name in self.done:
-                continue
-            record = None
-            try:  # the per-image result is written before the journal line: a stop in between left it
-                record = json.loads((self.out_dir / f"{name}.json").read_text())
-                if Path(record["file"]).name != name or record["status"] not in ("ok", "error"):
-                    record = None
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-            if record is None:
-                log.error("error: %s: %s", file, STOPPED)
-                record = {"file": file, "status": "error", "error": STOPPED}
-                write_atomic(self.out_dir / f"{name}.json", (json.dumps(record, indent=1) + "\n").encode())
-            else:
-                log.warning("warning: %s: finished before the process stopped; journaled from %s.json", file, name)
-            self.add(record)
-        self._write_inflight()
-
-    def _write_inflight(self) -> None:
-        write_atomic(self.out_dir / INFLIGHT, json.dumps({"files": list(self.inflight.values())}).encode())
-
-    def start(self, image: Path) -> None:
-        """``image`` is about to be read and inspected: listed in ``inflight.json`` (fsynced) first."""
-        self.inflight = {n: f for n, f in self.inflight.items() if n not in self.done}  # finished: dropped here
-        self.inflight[image.name] = str(image)
-        self._write_inflight()
-
-    def release(self) -> None:
-        """Stopping cleanly: the image read ahead and not inspected is no longer in flight (the next run does it)."""
-        self.inflight = {}
-        self._write_inflight()
-
-    def add(self, record: dict) -> None:
-        with open(self.path, "ab") as f:
-            f.write((json.dumps(record) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-        self.done.add(Path(record["file"]).name)
-
-
-def candidates(in_dir: Path) -> list[Path]:
-    out = []
-    for p in sorted(in_dir.iterdir()):
-        if (p.name.startswith(".") or p.name.endswith(PARTIAL_SUFFIXES) or p.suffix.lower() not in IMAGE_SUFFIXES
-                or is_template_name(p) or not p.is_file()):
-            continue
-        out.append(p)
-    return out
-
-
-def watch(inspector: Inspector, in_dir: Path, out_dir: Path, args: argparse.Namespace) -> int:
-    if not in_dir.is_dir():
-        raise EdgeError(f"{in_dir}: watch folder not found")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    journal = Journal(out_dir)
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info("%s: stopping after the current image", signal.Signals(signum).name)
-        stop.set()
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
-    log.info("watching %s -> %s (%d image(s) already done)", in_dir, out_dir, len(journal.done))
-    seen: dict[str, tuple] = {}  # name -> (size, mtime_ns) at the last poll
-    waiting: dict[str, float] = {}  # name -> when it started waiting for its template
-    processed = 0
-    while not stop.is_set():
-        now, ready = time.time(), []
-        for p in candidates(in_dir):
-            if p.name in journal.done:
-                continue
-            try:
-                st = p.stat()
-            except OSError:  # renamed or deleted between listing and stat (or unreadable: try again later)
-                continue
-            sig, prev = (st.st_size, st.st_mtime_ns), seen.get(p.name)
-            seen[p.name] = sig
-            if sig != prev or now - st.st_mtime < args.settle:
-                continue  # still being written (or just arrived): look again next poll
-            if inspector.model.needs_template and not args.template and not args.template_dir:
-                tpl = find_template(p, None, None)
-                if tpl is not None and not tpl.is_file() and now - waiting.setdefault(p.name, now) < args.template_wait:
-                    continue  # the pair's template may still be on its way
-            ready.append(p)
-        records = inspector.process_all(ready, on_start=journal.start)
-        try:
-            for p, record in zip(ready, records):
-                write_atomic(out_dir / f"{p.name}.json", (json.dumps(record, indent=1) + "\n").encode())
-                journal.add(record)  # after the result file: a restart after a kill in between journals that
-                processed += 1
-                if stop.is_set():
-                    break
-        finally:
-            records.close()  # waits for the reader thread
-        if stop.is_set():
-            journal.release()  # the image read ahead is not journaled: the next run does it
-        stop.wait(args.poll)
-    log.info("stopped; %d image(s) processed in this run", processed)
-    return 0
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="pcb-aoi-detect", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -364,8 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("images", nargs="*", type=Path, help="image files to inspect")
     ap.add_argument("--template", type=Path, help="template (defect-free board) for every image")
     ap.add_argument("--template-dir", type=Path, help="folder holding each image's template under the same name")
-    ap.add_argument("--score", type=float, help="report detections above this score (default: the model's, "
-                    "evaluate.score_threshold at export)")
+    ap.add_argument("--score", type=float, help="report detections above this score (default: the model's operating point, "
+                    "chosen by the evaluate stage: reports/operating_point.json)")
     ap.add_argument("--out", type=Path, help="JSON lines file to write (default: stdout)")
     ap.add_argument("--overlay-dir", type=Path, help="also write <image>.overlay.png with the boxes drawn here")
     ap.add_argument("--watch", type=Path, help="folder mode: process each new image in this folder once")
