@@ -10,7 +10,7 @@
 #
 # Results: the data and models go to the DVC remote (pcb-aoi-remote push: checked, bounded waits); the
 # commit holding dvc.lock, params.yaml and reports/ is saved as <out>/result.bundle on branch
-# azureml/<name>, so locally:  git fetch result.bundle azureml/<name>:azureml/<name> && git checkout azureml/<name> && dvc pull
+# azureml/<name>, so locally:  git fetch result.bundle azureml/<name>:azureml/<name> && git checkout azureml/<name> && pcb-aoi-remote pull
 #
 # --distributed (AzureML `distribution: type: pytorch`, one process per node): the train stage runs under
 # torchrun across all nodes (PCB_AOI_TORCHRUN, read by src/stages/train.py), one process per GPU. Node 0

@@ -65,13 +65,13 @@ def main() -> None:
                                        text=True, check=True).stdout.strip().removeprefix("azure://").split("/")[0]
             BlobServiceClient.from_connection_string(conn).create_container(container)
             shutil.copytree(a.cache, src / ".dvc/cache")
-            out = {"push_s": timed(src, "dvc", "push", *jobs, env=env, partial=a.partial)}
+            out = {"push_s": timed(src, "dvc", "push", "-r", "storage", *jobs, env=env, partial=a.partial)}
             blobs = list(BlobServiceClient.from_connection_string(conn).get_container_client(container).list_blobs())
             out["files"] = len(blobs)
             out["mb"] = round(sum(b.size for b in blobs) / 1e6, 1)
-            out["noop_push_s"] = timed(src, "dvc", "push", *jobs, env=env, partial=a.partial)
+            out["noop_push_s"] = timed(src, "dvc", "push", "-r", "storage", *jobs, env=env, partial=a.partial)
             subprocess.run(["git", "clone", "-q", str(ROOT), str(dst)], check=True)
-            out["pull_s"] = timed(dst, "dvc", "pull", *jobs, *(["--allow-missing"] if a.partial else []), env=env)
+            out["pull_s"] = timed(dst, "dvc", "pull", "-r", "storage", *jobs, *(["--allow-missing"] if a.partial else []), env=env)
             shutil.rmtree(dst / ".dvc/cache")
             for d in ("data", "models"):
                 shutil.rmtree(dst / d, ignore_errors=True)

@@ -78,9 +78,24 @@ def _origin(config: dict, name: str, key: str, *env: str) -> str:
     return f"`{key}` of remote '{name}' (or {' / '.join(env)})"
 
 
+def _only_remote(remotes: dict) -> str:
+    """The repository's one remote, used when no default is set. The project commits no default remote
+    (.dvc/config says why: `dvc exp run` on a clone without cache would wait on it), so this is the
+    usual case on a clone, in CI and on AzureML."""
+    from dvc.config import NoRemoteError
+
+    if len(remotes) == 1:
+        return next(iter(remotes))
+    raise NoRemoteError(
+        f"no default remote and {len(remotes)} remotes ({', '.join(remotes) or 'none'}): pass -r <name>, or set "
+        f"one with `dvc remote default --local <name>`" if remotes else
+        "no remote: add one with `dvc remote add <name> azure://<container>/<path>`")
+
+
 def resolve(root: str | Path = ".", remote: str | None = None) -> Target | None:
-    """The Azure remote ``remote`` (default: the default remote) of the DVC repo at ``root``, or None
-    when that remote is not on Azure. Raises RemoteError for a missing remote or missing credentials."""
+    """The Azure remote ``remote`` (default: the default remote, else the only remote) of the DVC repo at
+    ``root``, or None when that remote is not on Azure. Raises RemoteError for a missing remote or missing
+    credentials."""
     from dvc.config import NoRemoteError, RemoteConfigError
     from dvc.repo import Repo
     from dvc_objects.fs.errors import AuthError
@@ -90,9 +105,7 @@ def resolve(root: str | Path = ".", remote: str | None = None) -> Target | None:
     except Exception as e:
         raise RemoteError(f"{root}: not a DVC repository ({type(e).__name__}: {e})") from None
     try:
-        name = remote or repo.config["core"].get("remote")
-        if not name:
-            raise NoRemoteError("no default remote: set one with `dvc remote default <name>`, or pass -r <name>")
+        name = remote or repo.config["core"].get("remote") or _only_remote(repo.config["remote"])
         if name not in repo.config["remote"]:
             raise RemoteConfigError(f"remote '{name}' does not exist in .dvc/config (`dvc remote list`)")
         config = dict(repo.config["remote"][name])
@@ -226,7 +239,8 @@ def guarded(command: str, dvc_args: list[str], root: str | Path = ".", remote: s
         error = probe(t, write=command == "push", timeout=min(30.0, outage_after))
         if error:
             raise RemoteError(error)
-    args = [sys.executable, "-m", "dvc", command, *(["-r", remote] if remote else []), *dvc_args]
+    name = t.name if t is not None else remote  # explicit: with no default remote, dvc needs -r
+    args = [sys.executable, "-m", "dvc", command, *(["-r", name] if name else []), *dvc_args]
     proc = subprocess.Popen(args, cwd=root)
     down_since, reason = None, ""
     try:
@@ -267,7 +281,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("command", choices=["check", "push", "pull"],
                     help="check: talk to the remote once; push/pull: check, then dvc push/pull, stopped on an outage")
     ap.add_argument("dvc_args", nargs="*", help="extra arguments for dvc push/pull (after --)")
-    ap.add_argument("-r", "--remote", help="remote name (default: the repository's default remote)")
+    ap.add_argument("-r", "--remote", help="remote name (default: the default remote, else the only remote)")
     ap.add_argument("-C", "--root", default=".", help="the DVC repository (default: %(default)s)")
     ap.add_argument("--write", action="store_true", help="check: also write (and delete) a tiny blob")
     ap.add_argument("--timeout", type=float, default=30, help="check: give up after this many seconds (default: %(default)s)")
