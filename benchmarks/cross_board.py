@@ -90,6 +90,12 @@ def queue_status() -> dict[str, str]:
     return out
 
 
+def start_worker() -> None:
+    """One queue worker (`dvc queue start -j 1`), detached: it runs the queued folds one after the other."""
+    subprocess.Popen(["dvc", "queue", "start", "-j", "1"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def collect(name: str, ref: str, test: str, val: str, args_over: list[str], out: Path) -> dict:
     reports = {k: json.loads(sh("git", "show", f"{ref}:{path}")) for k, path in REPORTS.items()}
     train = reports["train"]
@@ -188,9 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     if not todo:
         print(table(out))
         return
-    sh("dvc", "queue", "start", "-j", "1")
+    start_worker()
     while todo:
         status = queue_status()
+        if "Running" not in status.values() and any(status.get(n) == "Queued" for n in todo):
+            start_worker()  # DVC's worker can exit after a task with more still queued: start another
         for name, (test, val, over) in list(todo.items()):
             ref = exp_ref(name)
             if ref is not None:
