@@ -195,10 +195,14 @@ def main(argv: list[str] | None = None) -> None:
         print(table(out))
         return
     start_worker()
+    idle_polls = 0
     while todo:
         status = queue_status()
-        if "Running" not in status.values() and any(status.get(n) == "Queued" for n in todo):
-            start_worker()  # DVC's worker can exit after a task with more still queued: start another
+        idle = "Running" not in status.values() and any(status.get(n) == "Queued" for n in todo)
+        idle_polls = idle_polls + 1 if idle else 0
+        if idle_polls == 2:  # DVC's worker can exit after a task with more still queued: start another
+            start_worker()
+            idle_polls = 0
         for name, (test, val, over) in list(todo.items()):
             ref = exp_ref(name)
             if ref is not None:
