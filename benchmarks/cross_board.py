@@ -119,6 +119,18 @@ def fmt(v, digits=4) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+def effective(over: list[str]) -> list[str]:
+    """``key=value`` overrides as DVC applies them (a later value of a key replaces the earlier one), without
+    the per-fold keys."""
+    kept = {}
+    for o in over:
+        key = o.split("=", 1)[0]
+        if key not in ("split.test_groups", "split.val_groups", "ingest.uri"):
+            kept.pop(key, None)
+            kept[key] = o
+    return list(kept.values())
+
+
 def table(out: Path) -> str:
     """Markdown of every finished fold in ``out``, mean and worst; written to ``out/README.md``."""
     folds = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
@@ -148,8 +160,8 @@ def table(out: Path) -> str:
         "(`evaluate.operating_point: auto`). Written by `benchmarks/cross_board.py`; one JSON per fold beside "
         "this file (reports, overrides, experiment commit).", "",
         *rows, "",
-        f"Overrides (besides the fold's `split.test_groups` / `split.val_groups`): "
-        f"`{' '.join(o for o in first['overrides'] if not o.startswith(('split.test_groups', 'split.val_groups', 'ingest.uri')))}`",
+        f"Params (`-S`, the last value of a key wins; besides the fold's `split.test_groups` / `split.val_groups` "
+        f"and `ingest.uri`): `{' '.join(effective(first['overrides']))}`",
         f"Baseline commit: `{first['baseline']}`. Machine: `{json.dumps(cpu)}`.", ""])
     (out / "README.md").write_text(text)
     return text

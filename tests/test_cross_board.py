@@ -44,7 +44,7 @@ def test_table_has_every_fold_its_mean_and_worst(tmp_path):
     import json
     for board, ap, f, esc in (("a", 0.98, 0.97, 0.01), ("b", 0.96, 0.95, 0.03)):
         (tmp_path / f"{board}.json").write_text(json.dumps({
-            "test_board": board, "val_board": "z", "overrides": ["train.epochs=60", "split.test_groups=['a']"],
+            "test_board": board, "val_board": "z", "overrides": ["train.epochs=160", "train.lr=0.01", "train.epochs=60", "split.test_groups=['a']"],
             "baseline": "abc", "deeppcb": {"ap": ap, "fscore": f, "escape_rate": esc, "false_calls_per_image": 0.5,
                                            "score_threshold": 0.4},
             "coco": {"map50": 0.9}, "train": {"epochs": 60, "best_epoch": 55, "train_seconds": 600, "machine": None}}))
@@ -52,4 +52,4 @@ def test_table_has_every_fold_its_mean_and_worst(tmp_path):
     assert "| a | z | 0.9800 | 0.9700 | 0.0100 |" in text and "| b | z | 0.9600 | 0.9500 | 0.0300 |" in text
     assert "| **mean** | | **0.9700** | **0.9600** | **0.0200** |" in text
     assert "| **worst** | | **0.9600** | **0.9500** | **0.0300** |" in text
-    assert "`train.epochs=60`" in text and (tmp_path / "README.md").read_text() == text
+    assert "`train.lr=0.01 train.epochs=60`" in text and (tmp_path / "README.md").read_text() == text
