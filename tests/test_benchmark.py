@@ -97,8 +97,10 @@ def test_raw_end_to_end_and_pytorch_give_the_same_detections_and_deeppcb_ap(expo
 def test_run_reports_every_file_with_a_measured_stream(exported, tmp_path):
     path, raw, e2e, clean, split = exported
     cfg = BenchmarkConfig(warmup=1, runs=3, stream_pairs=7, threads=1)
+    threads = torch.get_num_threads()
     report = benchmark.run(cfg, benchmark.Inputs(path, raw, clean, split, e2e=e2e), tmp_path / "benchmark.json",
                            plots_dir=tmp_path / "plots")
+    assert report["threads"] == 1 and torch.get_num_threads() == threads  # the process's setting restored
     assert json.loads((tmp_path / "benchmark.json").read_text()) == report
     variants = report["variants"]
     assert [(v["file"], v["decode"]) for v in variants][:3] == [

@@ -94,9 +94,21 @@ class TrainStep:
 
 def run(cfg: BenchmarkConfig, inputs: Inputs, out: str | Path, *, train_step: TrainStep | None = None,
         plots_dir: str | Path | None = None) -> dict:
-    """Measure every variant, write the report to ``out`` (and the latency-vs-AP plot data to ``plots_dir``)."""
+    """Measure every variant, write the report to ``out`` (and the latency-vs-AP plot data to ``plots_dir``).
+
+    PyTorch runs with ``benchmark.threads`` threads meanwhile; the process's setting is restored after (a
+    caller that trains next, a test session, must not inherit it: other threads, other float sums)."""
     threads = cfg.threads or os.cpu_count() or 1
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run(cfg, inputs, out, threads, train_step, plots_dir)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: BenchmarkConfig, inputs: Inputs, out: str | Path, threads: int, train_step: TrainStep | None,
+         plots_dir: str | Path | None) -> dict:
     model, ckpt = checkpoint.load(inputs.model)
     ds = Dataset.load(inputs.clean)
     ids = test_ids(inputs.split)
