@@ -91,6 +91,13 @@ def start_watcher(env, model: Path, inbox: Path, out: Path, log: Path, *extra) -
                             stdout=subprocess.DEVNULL, stderr=open(log, "a"))
 
 
+def stop_after_more_polls(proc: subprocess.Popen) -> None:
+    """Let the watcher poll a while longer (nothing may be redone), then stop it as systemd would: exit 0."""
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
 def kill_mid_image(proc: subprocess.Popen, out: Path, timeout: float = 30.0) -> set[str]:
     """SIGKILL the watcher while ``inflight.json`` lists an image it has not journaled; those images' names.
 
@@ -169,7 +176,8 @@ def test_watcher_killed_mid_image_journals_it_once_and_goes_on(guarded, no_torch
     path, ds, (narrow_test, narrow_temp) = guarded
     inbox, out, log = tmp_path / "in", tmp_path / "out", tmp_path / "watch.log"
     inbox.mkdir()
-    rows = ds.rows(ds.images.image_id[:15])
+    # 45 pairs (the tiny dataset's 15, each three times): a fast watcher still has images left to catch in flight
+    rows = ds.rows(ds.images.image_id[:15]) * 3
     for i, row in enumerate(rows):
         drop_pair(ds, row, inbox, f"p{i:02d}")
     (inbox / "narrow_temp.png").write_bytes(narrow_temp)
@@ -181,15 +189,13 @@ def test_watcher_killed_mid_image_journals_it_once_and_goes_on(guarded, no_torch
         killed_at = len(journal_lines(out))
         proc = start_watcher(no_torch_env, path, inbox, out, log, "--settle", "0.2")
         wait_for(lambda: len(journal_lines(out)) == len(rows) + 1)
-        time.sleep(0.5)  # more polls: nothing is redone
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        stop_after_more_polls(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
     recs = journal_lines(out)
     by_name = {Path(r["file"]).name: r for r in recs}
-    expected = [f"p{i:02d}_test.png" for i in range(15)] + ["narrow_test.png"]
+    expected = [f"p{i:02d}_test.png" for i in range(len(rows))] + ["narrow_test.png"]
     assert sorted(names(recs)) == sorted(by_name) == sorted(expected)  # each once
     narrow = by_name["narrow_test.png"]
     assert narrow["status"] == "error" and "cannot be reshaped" in narrow["error"]
@@ -280,9 +286,7 @@ def test_soak_a_stream_with_bad_files_and_two_kills(guarded, no_torch_env, tmp_p
             restarts += 1
         writer.join(60)
         wait_for(lambda: len(journal_lines(out)) >= n, timeout=90)
-        time.sleep(0.5)  # more polls: nothing is redone
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        stop_after_more_polls(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
