@@ -374,4 +374,6 @@ def test_a_model_trained_on_registered_pairs_makes_the_app_register_each_pair(mo
     Image.fromarray(moved).save(tmp_path / "golden.png")
     assert app.main(["--model", str(tmp_path / "registered.onnx"), str(tmp_path / "board.png"), "--template",
                  str(tmp_path / "golden.png"), "--out", str(tmp_path / "out.jsonl"), "--quiet"]) == 0
-    assert read_jsonl(tmp_path / "out.jsonl")[0]["detections"] == as_dicts(plain.detect(test, fixed))
+    got = read_jsonl(tmp_path / "out.jsonl")[0]["detections"]
+    assert [d.pop("id") for d in got] == list(range(len(got)))
+    assert got == as_dicts(plain.detect(test, fixed))

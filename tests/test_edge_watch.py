@@ -22,6 +22,7 @@ from PIL import Image
 
 from pcb_aoi.edge import app, folder, runtime
 from pcb_aoi.edge.contract import INPUT
+from pcb_aoi.edge.record import error_record
 from test_edge import CHECK_IMPORTS, detect, drop_pair, models, no_torch_env, wait_for  # noqa: F401 (fixtures)
 
 NARROW = 80  # px: padded to 96, the width the guarded model cannot run on
@@ -139,7 +140,7 @@ def test_files_mode_records_an_onnx_runtime_error_and_goes_on(guarded, models, n
     plain = runtime.EdgeModel(models[2])  # the good images: the unguarded model's detections
     for rec, row in zip((recs[0], recs[2]), rows):
         expected = plain.detect(*runtime.read_pair(ds.root / row.path, ds.root / row.template_path))
-        assert rec["status"] == "ok" and rec["detections"] == [d.to_dict() for d in expected] != []
+        assert rec["status"] == "ok" and rec["detections"] == [{"id": i, **d.to_dict()} for i, d in enumerate(expected)] != []
 
 
 def test_journal_skips_a_torn_line_and_journals_images_in_flight_once(tmp_path, capsys):
@@ -157,7 +158,7 @@ def test_journal_skips_a_torn_line_and_journals_images_in_flight_once(tmp_path, 
     assert journal.done == {"a_test.png", "b_test.png", "c_test.png"}
     recs = journal_lines(out)
     assert recs[:2] == [a, b] and len(recs) == 3  # the torn line skipped, b's result taken from b_test.png.json
-    assert recs[2] == {"file": c["file"], "status": "error", "error": folder.STOPPED}
+    assert recs[2] == error_record(c["file"], folder.STOPPED)
     assert json.loads((out / "c_test.png.json").read_text()) == recs[2]
     assert json.loads((out / "inflight.json").read_text()) == {"files": []}
     # Opening it again changes nothing; an image started and never finished is an error once.

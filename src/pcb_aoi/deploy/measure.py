@@ -45,6 +45,10 @@ class TorchModel:
         spec = ckpt["input_spec"]
         self.runner, self.classes, self.score_threshold = runner, list(ckpt["classes"]), score_threshold
         self.needs_template, self.register_px = bool(spec["use_template"]), int(spec.get("register_max_px", 0))
+        self.contract = {"score_threshold": score_threshold}
+
+    def provenance(self) -> dict:
+        return {"version": "unregistered"}
 
     def register(self, test: np.ndarray, template: np.ndarray | None) -> np.ndarray | None:
         """As ``EdgeModel.register``: the template moved onto ``test`` when the model was trained registered."""

@@ -7,8 +7,9 @@ Folder:  pcb-aoi-detect --model model.e2e.onnx --watch incoming/ --out-dir resul
 
 Model:   pcb-aoi-detect --model model.int8.onnx --info   (contract, INT8 format, this CPU, verdict)
 
-One JSON line per image: ``{"file", "status": "ok", "detections": [{"class", "score", "box"}], "ms"}``
-(box = x1 y1 x2 y2 in image pixels), or ``{"file", "status": "error", "error"}``.
+One JSON line per image (the result record, ``docs/result-record.md``): ``{"schema", "file", "status": "ok",
+"verdict": "pass" | "fail", "threshold", "counts", "detections": [{"id", "class", "score", "box"}], "ms",
+"model"}`` (box = x1 y1 x2 y2 in image pixels), or ``{"schema", "file", "status": "error", "error", "model"}``.
 
 Templates (models that compare with a defect-free board): ``--template T`` for every image (one
 board type on the line), ``--template-dir D`` (the file of the same name in D), or else DeepPCB

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .inspector import IMAGE_SUFFIXES, Inspector, find_template, is_template_name, log, write_atomic
+from .record import error_record
 from .runtime import EdgeError
 
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", "~")
@@ -67,7 +68,7 @@ class Journal:
                 pass
             if record is None:
                 log.error("error: %s: %s", file, STOPPED)
-                record = {"file": file, "status": "error", "error": STOPPED}
+                record = error_record(file, STOPPED)
                 write_atomic(self.out_dir / f"{name}.json", (json.dumps(record, indent=1) + "\n").encode())
             else:
                 log.warning("warning: %s: finished before the process stopped; journaled from %s.json", file, name)

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 
 from PIL import Image, ImageDraw
 
+from .record import error_record, ok_record
 from .runtime import EdgeError, EdgeModel, read_grey, read_pair
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -81,6 +82,8 @@ class Inspector:
     def __init__(self, model: EdgeModel, args: argparse.Namespace):
         self.model, self.args = model, args
         self._templates: dict[tuple, object] = {}
+        self.threshold = model.contract["score_threshold"] if args.score is None else args.score
+        self.provenance = model.provenance()  # the same block in every record
 
     def template_path(self, image: Path) -> Path | None:
         if not self.model.needs_template:
@@ -132,15 +135,15 @@ class Inspector:
         t0 = time.perf_counter()
         try:
             t0, test, template = loading.result()
-            dets = self.model.detect(test, template, self.args.score, name=str(image), registered=True)
+            dets = self.model.detect(test, template, self.threshold, name=str(image), registered=True)
             if self.args.overlay_dir:
                 write_overlay(image, dets, self.args.overlay_dir)
         except Exception as e:  # any error is this image's record; the app goes on with the next one
             why = str(e) if isinstance(e, EdgeError) else f"{type(e).__name__}: {str(e).strip()}"
             log.error("error: %s", why if isinstance(e, EdgeError) else f"{image}: {why}")
-            return {"file": str(image), "status": "error", "error": why}
+            return error_record(str(image), why, self.provenance)
         ms = (time.perf_counter() - t0) * 1e3
         image_log.info("ok %s: %d defect(s) (%.1f ms)", image.name, len(dets), ms)
-        return {"file": str(image), "status": "ok", "detections": [d.to_dict() for d in dets], "ms": round(ms, 2)}
+        return ok_record(str(image), dets, self.threshold, self.model.classes, ms, self.provenance)
 
 

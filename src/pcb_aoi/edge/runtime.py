@@ -206,6 +206,19 @@ class EdgeModel:
                 "model_config": c.get("model_config"), "cpu": cpu.describe(), "on_this_cpu": status, "why": why,
                 "providers": self.session.get_providers()}
 
+    def provenance(self) -> dict:
+        """Where this model came from, as every result record carries it (``record.py``): the registered
+        version (the sidecar ``<model>.registry.json`` written when the model was fetched from the
+        registry) or ``"unregistered"``, then what the export stored in the contract (``provenance``)."""
+        sidecar = self.path.with_name(self.path.name + ".registry.json")
+        version = "unregistered"
+        if sidecar.is_file():
+            try:
+                version = json.loads(sidecar.read_text()).get("version", "unregistered")
+            except (OSError, ValueError):
+                version = "unregistered"
+        return {"version": version, **self.contract.get("provenance", {})}
+
     def register(self, test: np.ndarray, template: np.ndarray) -> np.ndarray:
         """The template moved onto ``test`` when the model was trained on registered pairs, else as given."""
         if not self.register_px or template is None or template.shape != test.shape:
