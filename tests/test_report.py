@@ -205,10 +205,10 @@ def test_edge_pictures_are_downscaled_and_tiny_boxes_widened(tmp_path):
     from pcb_aoi.report.edge import MIN_BOX, THUMB_SIDE, thumbnail
     p = tmp_path / "big.png"
     Image.new("L", (1440, 720), 255).save(p)
-    data = thumbnail(p, [{"id": 0, "class": "open", "score": 0.9, "box": [720.0, 360.0, 723.0, 363.0]}],
+    data, width = thumbnail(p, [{"id": 0, "class": "open", "score": 0.9, "box": [720.0, 360.0, 723.0, 363.0]}],
                      {"open": "#0000ff"})
     pic = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
-    assert pic.shape == (THUMB_SIDE // 2, THUMB_SIDE, 3)  # 1440x720 -> 360x180, scale 1/4
+    assert pic.shape == (THUMB_SIDE // 2, THUMB_SIDE, 3) and width == THUMB_SIDE  # 1440x720 -> 360x180, scale 1/4
     cx, cy = 721.5 / 4, 361.5 / 4  # the 3-px box is 0.75 px here: drawn MIN_BOX wide around its centre
     edge_x = int(round(cx - MIN_BOX / 2))
     assert pic[int(cy), edge_x, 2] > 180 and pic[int(cy), edge_x, 0] < 90  # blue outline

@@ -128,8 +128,8 @@ def locate(file: str, images: Path | None) -> Path | None:
     return None
 
 
-def thumbnail(path: Path, detections: list[dict], colors: dict[str, str], side: int = THUMB_SIDE) -> bytes:
-    """The image downscaled to ``side`` px (longest side) with each detection's box and id drawn, as JPEG.
+def thumbnail(path: Path, detections: list[dict], colors: dict[str, str], side: int = THUMB_SIDE) -> tuple[bytes, int]:
+    """The image downscaled to ``side`` px (longest side) with each detection's box and id drawn: (JPEG, width).
     Boxes are x1 y1 x2 y2 in original image pixels; tiny ones are widened to ``MIN_BOX`` around their centre."""
     with Image.open(path) as im:
         w, h = im.size
@@ -147,11 +147,12 @@ def thumbnail(path: Path, detections: list[dict], colors: dict[str, str], side: 
         pen.text((cx - hw, max(0, cy - hh - 11)), str(d["id"]), fill=color, font=font)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=88, subsampling=0)  # 4:4:4: thin coloured boxes keep their colour
-    return buf.getvalue()
+    return buf.getvalue(), img.width
 
 
-def dets_text(dets: list[dict]) -> str:
-    return ", ".join(f"#{d['id']} {d['class']} {d['score']:.3f}" for d in dets)
+def dets_text(dets: list[dict], most: int = 12) -> str:
+    more = f", … {len(dets) - most} more" if len(dets) > most else ""
+    return ", ".join(f"#{d['id']} {d['class']} {d['score']:.3f}" for d in dets[:most]) + more
 
 
 def board_link(r: dict, anchors: dict[str, str]) -> str:
@@ -245,10 +246,12 @@ def section_slowest(run: Run, n: int) -> str:
                                               [f'data-file="{esc(r["file"])}" data-ms="{r["ms"]}"' for r in slow]))
 
 
-def section_pictures(figures: list[str], total: int) -> str:
+def section_pictures(figures: list[str], total: int, colors: dict[str, str]) -> str:
     more = f" The first {len(figures)} of {total} drawn (--max-pictures)." if len(figures) < total else ""
+    legend = " ".join(f'<span class=sw style="background:{c}"></span>{esc(n)}' for n, c in colors.items())
     return ("<h2>Failed boards, pictured</h2><p class=note>Each failed board downscaled, its detections boxed in "
-            f"their class colour (tiny defects get a box of at least {MIN_BOX} px) and numbered by id.{more}</p>"
+            f"their class colour (tiny defects get a box of at least {MIN_BOX} px) and numbered by id.{more}<br>"
+            f"{legend}</p>"
             f'<div class="grid" id="pictures">{"".join(figures)}</div>')
 
 
@@ -281,10 +284,11 @@ def render(out_dir: str | Path, images: str | Path | None = None, band: float = 
             continue
         anchors[r["file"]] = a = f"p{len(figures)}"
         cap = f"<b class=mono>{esc(r['file'])}</b><br>{esc(dets_text(r['detections']))}"
-        figures.append(figure(data_uri(thumbnail(path, r["detections"], colors), "image/jpeg"), cap, r["file"],
-                              f'id="{a}" data-file="{esc(r["file"])}"'))
+        jpeg, width = thumbnail(path, r["detections"], colors)
+        figures.append(figure(data_uri(jpeg, "image/jpeg"), cap, r["file"],
+                              f'id="{a}" data-file="{esc(r["file"])}" style="width:{width}px"'))
     sections = [section_summary(run, missing), section_classes(run, colors), section_failed(run, anchors),
                 section_borderline(run, band, anchors), section_errors(run), section_slowest(run, slowest),
-                section_pictures(figures, len(run.failed)), section_models(run)]
+                section_pictures(figures, len(run.failed), colors), section_models(run)]
     return page("edge", f"Inspection run: {Path(out_dir).resolve().name}",
                 f"pcb-aoi-detect folder run, {len(run.records)} images, from {run.path}", sections)

@@ -30,7 +30,7 @@ th{background:#f1f4f7;font-weight:600}td.num,th.num{text-align:right;font-varian
 .card .v{font-size:22px;font-weight:600;font-variant-numeric:tabular-nums}.card .k{color:#56606b;font-size:12px}
 .bad{color:#b3261e}.good{color:#1b7f3b}.warn{background:#fff4d6;border:1px solid #e8c66a;padding:6px 10px;border-radius:4px}
 .grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;border:1px solid #d5dbe1;border-radius:4px;padding:6px;max-width:540px}
-figure img{display:block;max-width:100%;height:auto}figcaption{font-size:12px;color:#38414a;word-break:break-all}
+figure img{display:block;max-width:100%;height:auto}figcaption{font-size:12px;color:#38414a;overflow-wrap:anywhere}
 code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;word-break:break-all}
 .diag{background:#e3f3e8}.off{background:#fde7e4}footer{margin-top:32px;color:#7a848e;font-size:12px}
 .sw{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px;vertical-align:baseline}
