@@ -96,6 +96,8 @@ def assert_self_contained(html: str, dom: Dom) -> None:
     assert "http://" not in html and "https://" not in html
     assert not dom.find("link") and all("src" not in e[1] for e in dom.find("script"))
     assert all(e[1]["src"].startswith("data:image/") for e in dom.find("img"))
+    assert all(v.startswith("#") for e in dom.elements for k, v in e[1].items() if k in ("href", "action", "srcset"))
+    assert "url(" not in html and "@import" not in html
     body = dom.find("body")[0][1]
     assert body["data-requests"] == "0"
     n = len(dom.find("img"))
@@ -320,3 +322,27 @@ def test_the_report_imports_no_torch(edge_run, reports, tmp_path):
                         str(reports), str(tmp_path / "v.html")], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "e.html").stat().st_size > 1000 and (tmp_path / "v.html").stat().st_size > 1000
+
+
+def test_sparse_inputs_still_make_a_page(tmp_path):
+    """An empty journal, a journal from before the result schema (no verdict, counts or ids), and a
+    reports folder with only an old metrics.json: pages that say what is missing, no crash."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.jsonl").write_text("")
+    assert main(["edge", str(out), "--out", str(tmp_path / "empty.html")]) == 0
+    assert "Failed boards (0)" in (tmp_path / "empty.html").read_text()
+    old = {"file": "x_test.png", "status": "ok", "ms": 5.0,
+           "detections": [{"class": "spur", "score": 0.5, "box": [1, 2, 3, 4]}]}
+    (out / "results.jsonl").write_text(json.dumps(old) + "\n")
+    run = read_journal(out)
+    assert (run.records[0]["verdict"], run.records[0]["counts"], run.records[0]["detections"][0]["id"]) == (
+        "fail", {"spur": 1}, 0)
+    assert main(["edge", str(out), "--out", str(tmp_path / "old.html")]) == 0
+    assert "1 failed board picture(s) not drawn" in (tmp_path / "old.html").read_text()
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "metrics.json").write_text(json.dumps({"map": 0.5, "map50": 0.8}))
+    assert main(["evaluate", "--reports", str(reports), "--out", str(tmp_path / "v.html")]) == 0
+    page = (tmp_path / "v.html").read_text()
+    assert "no <code>deeppcb</code> block" in page and page.count("Not found:") == 4
