@@ -96,18 +96,27 @@ def read_journal(out_dir: str | Path) -> Run:
     return Run(path, records, torn)
 
 
+def threshold_of(r: dict) -> float | None:
+    """The threshold a record was judged at; records from before the schema: the model's, if it says."""
+    t = r.get("threshold")
+    return t if t is not None else (r.get("model") or {}).get("score_threshold")
+
+
 def borderline(run: Run, band: float) -> tuple[list[tuple[dict, dict]], list[dict]]:
     """False-call candidates. A detection is borderline when ``threshold <= score < threshold + band``;
     a failed board is a candidate when *all* its detections are borderline (its fail rests only on calls
-    near the threshold). Returns ((record, detection) lowest score first, candidate boards)."""
+    near the threshold). Returns ((record, detection) closest to the threshold first, candidate boards).
+    A record without a known threshold is left out."""
     dets, boards = [], []
     for r in run.failed:
-        thr = r["threshold"] if r["threshold"] is not None else min(d["score"] for d in r["detections"])
+        thr = threshold_of(r)
+        if thr is None:
+            continue
         near = [d for d in r["detections"] if d["score"] < thr + band]
         dets += [(r, d) for d in near]
         if len(near) == len(r["detections"]):
             boards.append(r)
-    dets.sort(key=lambda rd: rd[1]["score"] - (rd[0]["threshold"] or 0.0))
+    dets.sort(key=lambda rd: rd[1]["score"] - threshold_of(rd[0]))
     return dets, boards
 
 
@@ -218,11 +227,11 @@ def section_borderline(run: Run, band: float, anchors: dict[str, str], limit: in
            "<i>every</i> detection is borderline failed on uncertain calls alone: re-check these boards first; a "
            "board with one confident call fails anyway.</p>"]
     rows = [[f"<span class=mono>{esc(r['file'])}</span>", esc(dets_text(r["detections"])),
-             fmt(r["threshold"]), board_link(r, anchors)] for r in boards]
+             fmt(threshold_of(r)), board_link(r, anchors)] for r in boards]
     out.append(table(["board", "its detections (#id class score)", "threshold", ""], rows, {2},
                      'id="candidates"', [f'data-file="{esc(r["file"])}"' for r in boards]) if rows else "<p>None.</p>")
     rows = [[f"<span class=mono>{esc(r['file'])}</span>", d["id"], esc(d["class"]), fmt(d["score"]),
-             f"+{fmt(d['score'] - (r['threshold'] or 0.0), 3)}", esc(json.dumps(d["box"]))] for r, d in dets[:limit]]
+             f"+{fmt(d['score'] - threshold_of(r), 3)}", esc(json.dumps(d["box"]))] for r, d in dets[:limit]]
     out.append(f"<p class=note>The borderline detections on all failed boards, closest to the threshold first "
                f"({len(dets)}{f', the first {limit} shown' if len(dets) > limit else ''}).</p>")
     out.append(table(["board", "id", "class", "score", "above threshold", "box x1 y1 x2 y2"], rows, {1, 3, 4},
