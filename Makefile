@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install repro test clean-venv qemu
+.PHONY: install repro test clean-venv qemu chromium
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,15 @@ qemu:
 	  { apt-get install -y -q qemu-user >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q qemu-user >/dev/null 2>&1; }; }; } || true
 
-test: install node_modules/.bin/azurite-blob qemu
+# Headless Chromium renders the pcb-aoi-report pages in tests/test_report.py; without it those tests skip,
+# saying why. Installed from Debian's packages where this runs as root with apt-get, left alone elsewhere.
+chromium:
+	-@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || true
+
+test: install node_modules/.bin/azurite-blob qemu chromium
 	python -m pytest
 
 clean-venv:

@@ -1,0 +1,6 @@
+"""``python -m pcb_aoi.report`` = ``pcb-aoi-report``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
