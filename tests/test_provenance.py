@@ -105,7 +105,7 @@ def dvc_project(tmp_path_factory, tiny_pipeline):
     """A git + DVC repository whose etl/split/augment stages produce the tiny data and whose train stage
     is the project's entry point, run by ``dvc repro``; (repo, params)."""
     d, _ = tiny_pipeline
-    repo = git_repo(tmp_path_factory.mktemp("dvcproj") / "repo")
+    repo = git_repo(tmp_path_factory.mktemp("dvcproj") / "repo", {"train": {"epochs": 1}})
     py = sys.executable
     copy = "rm -rf data/{0} && mkdir -p data && cp -r {1}/{0} data/{0}"
     stages = {
