@@ -239,3 +239,14 @@ def test_a_model_without_provenance_says_unknown(tiny_pipeline, tmp_path, capsys
     info = json.loads(capsys.readouterr().out)["provenance"]
     assert info["version"] == "unregistered" and info["commit"] == info["params_hash"] == info["data"] == "unknown"
     assert info["score_threshold"] == 0.3
+
+
+def test_training_refuses_params_that_are_not_the_ones_it_trains_with(tiny_pipeline, tmp_path):
+    """Their hash goes into the checkpoint: params of another run would be a wrong hash."""
+    from pcb_aoi.model import training
+
+    d, p = tiny_pipeline
+    with pytest.raises(ValueError, match="params differ"):
+        training.run(p.train, p.seed + 1, p.classes, d / "augmented", d / "clean", d / "split",
+                     tmp_path / "model.pt", tmp_path / "live", params=p)
+    assert not (tmp_path / "model.pt").exists()
