@@ -75,6 +75,9 @@ def test_edge_detections_match_the_pytorch_pipeline(models, variant, spin):
     ref = predict(torch_runner(model), ds, ids, True, batch_size=1, score_threshold=0.3)
     em = runtime.EdgeModel(raw if variant == "raw" else e2e_path, spin=spin)
     assert em.end_to_end == (variant == "e2e") and em.contract["score_threshold"] == 0.3
+    # a checkpoint without provenance (this one): every key present, unknown, never a guess
+    prov = em.info()["provenance"]
+    assert prov["version"] == "unregistered" and prov["commit"] == prov["params_hash"] == prov["data"] == "unknown"
     total = 0
     for row in ds.rows(ids):
         test, template = runtime.read_pair(ds.root / row.path, ds.root / row.template_path)

@@ -2,7 +2,8 @@
 and NMS in the graph), both with dynamic batch and the preprocessing contract as metadata; run
 onnx.checker, and fail unless ONNX Runtime matches PyTorch on held-out test images (raw outputs within
 `export.parity_atol`, same detections). The default score threshold stored in the metadata is
-the operating point the evaluate stage chose (`--operating-point`, reports/operating_point.json)."""
+the operating point the evaluate stage chose (`--operating-point`, reports/operating_point.json); the
+provenance in the metadata carries evaluate's headline test metrics (`--metrics`, reports/metrics.json)."""
 import argparse
 import sys
 from pathlib import Path
@@ -24,5 +25,7 @@ if __name__ == "__main__":
     ap.add_argument("--out-e2e", help="ONNX file to write with decoding + NMS in the graph (final detections)")
     ap.add_argument("--operating-point", required=True,
                     help="operating_point.json written by evaluate: its score_threshold is the models' default")
+    ap.add_argument("--metrics", help="metrics.json written by evaluate: headline test metrics for the provenance")
     run_stage(ap, lambda p, a: export.run(p.export, a.model, a.clean, test_ids(a.split), a.out, a.out_e2e,
-                                          read_json(a.operating_point, "score_threshold")))
+                                          read_json(a.operating_point, "score_threshold"),
+                                          read_json(a.metrics, None) if a.metrics else None))

@@ -35,4 +35,5 @@ if __name__ == "__main__":
     ap.add_argument("--split", required=True, help="folder holding split.parquet")
     ap.add_argument("--model", required=True, help="checkpoint to write (best validated epoch)")
     ap.add_argument("--live", required=True, help="dvclive folder (learning curves)")
-    run_stage(ap, lambda p, a: training.run(p.train, p.seed, p.classes, a.train, a.clean, a.split, a.model, a.live))
+    run_stage(ap, lambda p, a: training.run(p.train, p.seed, p.classes, a.train, a.clean, a.split, a.model, a.live,
+                                            params=p))

@@ -69,18 +69,18 @@ def write_json(path: str | Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | Path, key: str):
-    """``key`` of the JSON object in ``path``; ValueError naming the file when it is missing, not JSON
-    or lacks the key."""
+def read_json(path: str | Path, key: str | None):
+    """``key`` of the JSON object in ``path`` (None: the whole object); ValueError naming the file when it
+    is missing, not JSON or lacks the key."""
     try:
         obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ValueError(f"{path}: not found; run the stage that writes it (dvc repro)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict) or key not in obj:
+    if not isinstance(obj, dict) or (key is not None and key not in obj):
         raise ValueError(f"{path}: has no '{key}'; re-run the stage that writes it (dvc repro)")
-    return obj[key]
+    return obj if key is None else obj[key]
 
 
 @dataclass

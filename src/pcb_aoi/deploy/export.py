@@ -24,6 +24,7 @@ from ..edge.preprocess import PAD_MULTIPLE, PAD_VALUES, prepare_input, stack_pad
 from ..edge.runtime import ort_session
 from ..model import checkpoint
 from ..model.inference import decode, load_pair
+from ..pipeline import provenance
 from ..pipeline.config import ExportConfig
 from . import e2e
 
@@ -35,8 +36,10 @@ class ParityError(RuntimeError):
     pass
 
 
-def contract(ckpt: dict, score_threshold: float, end_to_end: bool) -> dict:
-    """What a runtime without this package needs to feed the model and read its outputs."""
+def contract(ckpt: dict, score_threshold: float, end_to_end: bool, evaluate: dict | None = None) -> dict:
+    """What a runtime without this package needs to feed the model and read its outputs, and where the
+    model came from (``provenance``: ``pipeline.provenance.exported``; ``evaluate``: the evaluate stage's
+    metrics, reports/metrics.json, or None)."""
     spec = ckpt["input_spec"]
     return {
         "format": CONTRACT_FORMAT,
@@ -55,11 +58,12 @@ def contract(ckpt: dict, score_threshold: float, end_to_end: bool) -> dict:
         "score_threshold": score_threshold,  # default operating point (evaluate.score_threshold)
         "precision": "fp32",  # the quantize stage writes int8 and the INT8 format (pcb_aoi.edge.int8) into its copy
         "model_config": ckpt["model_config"],
+        "provenance": provenance.exported(ckpt.get("provenance", {}), score_threshold, evaluate),
     }
 
 
 def export(model: torch.nn.Module, ckpt: dict, example: torch.Tensor, path: Path, opset: int,
-           end_to_end: bool = False, score_threshold: float = 0.3) -> None:
+           end_to_end: bool = False, score_threshold: float = 0.3, evaluate: dict | None = None) -> None:
     """Write ``model`` (raw maps) or ``EndToEnd(model)`` (final detections) to ``path`` with metadata."""
     net, outputs = (e2e.EndToEnd(model), E2E_OUTPUTS) if end_to_end else (model, OUTPUTS)
     if end_to_end:
@@ -74,7 +78,7 @@ def export(model: torch.nn.Module, ckpt: dict, example: torch.Tensor, path: Path
     proto = onnx.load(str(path))
     meta = {"classes": json.dumps(ckpt["classes"]), "input_spec": json.dumps(ckpt["input_spec"]),
             "model_config": json.dumps(ckpt["model_config"]), "producer": "pcb-aoi",
-            CONTRACT_KEY: json.dumps(contract(ckpt, score_threshold, end_to_end))}
+            CONTRACT_KEY: json.dumps(contract(ckpt, score_threshold, end_to_end, evaluate))}
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     onnx.checker.check_model(proto, full_check=True)
@@ -152,18 +156,22 @@ def parity_e2e(model: torch.nn.Module, sess: ort.InferenceSession, x: np.ndarray
 
 
 def run(cfg: ExportConfig, model_path: str | Path, clean_dir: str | Path, image_ids: list[str],
-        onnx_out: str | Path, e2e_out: str | Path | None = None, score_threshold: float = 0.3) -> dict:
+        onnx_out: str | Path, e2e_out: str | Path | None = None, score_threshold: float = 0.3,
+        evaluate: dict | None = None) -> dict:
+    """Export the checkpoint ``model_path``; ``evaluate``: the evaluate stage's metrics (reports/metrics.json)
+    for the models' provenance, None: their test metrics are unknown."""
     model, ckpt = checkpoint.load(model_path)
     use_template = ckpt["input_spec"]["use_template"]
     ds = Dataset.load(clean_dir)
     x = stack_padded([prepare_input(*load_pair(ds, r), use_template) for r in ds.rows(image_ids[: cfg.parity_images])])
     example = torch.from_numpy(x[:1])  # exported at batch 1, checked at batch N
     with atomic_file(onnx_out) as tmp:
-        export(model, ckpt, example, tmp, cfg.opset, score_threshold=score_threshold)
+        export(model, ckpt, example, tmp, cfg.opset, score_threshold=score_threshold, evaluate=evaluate)
         report = parity(model, ort_session(tmp), x, cfg.parity_atol)
         if e2e_out:  # both files are replaced only when both gates pass
             with atomic_file(e2e_out) as tmp_e2e:
-                export(model, ckpt, example, tmp_e2e, cfg.opset, end_to_end=True, score_threshold=score_threshold)
+                export(model, ckpt, example, tmp_e2e, cfg.opset, end_to_end=True, score_threshold=score_threshold,
+                       evaluate=evaluate)
                 report["end_to_end"] = parity_e2e(model, ort_session(tmp_e2e), x, cfg.parity_atol)
                 report["end_to_end"]["size_mb"] = round(tmp_e2e.stat().st_size / 2**20, 3)
     report["size_mb"] = round(Path(onnx_out).stat().st_size / 2**20, 3)

@@ -152,6 +152,19 @@ def quantize(cfg: QuantizeConfig, fp32: Path, out: Path, inputs: list[np.ndarray
     return keep
 
 
+def record_gate(path: Path, metrics: dict) -> None:
+    """Add the accuracy gate's numbers to the headline metrics in ``path``'s contract (``provenance.metrics``,
+    ``pipeline.provenance``): the INT8 file's own measurement beside the checkpoint's copied from the FP32 file."""
+    proto = onnx.load(str(path))
+    for p in proto.metadata_props:
+        if p.key == CONTRACT_KEY:
+            c = json.loads(p.value)
+            prov = c.setdefault("provenance", {})
+            prov["metrics"] = {**prov.get("metrics", {}), **metrics}
+            p.value = json.dumps(c)
+    onnx.save(proto, str(path))
+
+
 def run(cfg: QuantizeConfig, fp32_path: str | Path, train_dir: str | Path, clean_dir: str | Path,
         split_dir: str | Path, out: str | Path) -> dict:
     fp32_path = Path(fp32_path)
@@ -182,6 +195,7 @@ def run(cfg: QuantizeConfig, fp32_path: str | Path, train_dir: str | Path, clean
                 f"INT8 accuracy gate failed: {gate_split} mAP@0.5 {int8_m['map50']} vs FP32 {fp32_m['map50']}, a drop "
                 f"of {drop:.4f} > quantize.max_map50_drop {cfg.max_map50_drop}; {fix}. Measured on {machine.cpu()}. "
                 f"Kept the previous {out}")
+        record_gate(tmp, {"int8_gate_split": gate_split, "int8_map50": int8_m["map50"], "fp32_map50": fp32_m["map50"]})
         size = tmp.stat().st_size
     return {"calibration_images": len(inputs), "gate_split": gate_split, "gate_images": len(ids),
             "fp32_map50": fp32_m["map50"], "int8_map50": int8_m["map50"], "map50_drop": drop, "max_map50_drop": cfg.max_map50_drop,

@@ -12,8 +12,10 @@ error:  {"schema", "file", "status": "error", "error", "model": {...}}
 - ``verdict``: ``fail`` when any detection is at or above the operating threshold (``threshold``: the
   one the app used, the model's unless ``--score``), else ``pass``. ``counts`` has every class of the
   model, 0 included.
-- ``model``: where the model came from (``EdgeModel.provenance``): its registered version or
-  ``"unregistered"``, git commit, params and data versions, the operating threshold it was exported with.
+- ``model``: where the model came from (``EdgeModel.provenance``): ``version`` (registered, or
+  ``"unregistered"``), ``commit``, ``dirty``, ``params_hash``, ``params_sections``, ``data`` (DVC md5 of
+  clean/split/augmented), ``metrics``, ``score_threshold``, ``export_commit``, ``export_dirty``, ``notes``
+  (``pcb_aoi.pipeline.provenance``; docs/result-record.md says what each means).
 """
 from __future__ import annotations
 

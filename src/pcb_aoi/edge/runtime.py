@@ -28,6 +28,12 @@ from .preprocess import read_grey as _read_grey
 from .preprocess import read_pair as _read_pair
 
 
+# What ``info`` says of a key a model's provenance lacks (``pipeline.provenance`` writes them; older exports did not).
+UNKNOWN_PROVENANCE = {"version": "unregistered", "commit": "unknown", "dirty": "unknown", "params_hash": "unknown",
+                      "params_sections": [], "data": "unknown", "metrics": "unknown", "score_threshold": "unknown",
+                      "export_commit": "unknown", "export_dirty": "unknown"}
+
+
 class EdgeError(ValueError):
     """Bad input for the edge app (model, image or template); the message names the file."""
 
@@ -196,7 +202,9 @@ class EdgeModel:
         return int8.verdict(self.contract.get("int8"), cpu)
 
     def info(self, cpu: machine.Cpu | None = None) -> dict:
-        """What ``pcb-aoi-detect --info`` prints: the model's contract and how it fares on this CPU."""
+        """What ``pcb-aoi-detect --info`` prints: the model's contract, where it came from (``provenance``,
+        every key present: ``"unknown"`` for a model exported before pcb-aoi recorded it) and how it
+        fares on this CPU."""
         cpu = cpu or machine.cpu()
         status, why = self.cpu_verdict(cpu)
         c = self.contract
@@ -204,7 +212,7 @@ class EdgeModel:
                 "classes": self.classes, "needs_template": self.needs_template, "outputs": c["outputs"],
                 "register_max_px": self.register_px, "score_threshold": c["score_threshold"],
                 "model_config": c.get("model_config"), "cpu": cpu.describe(), "on_this_cpu": status, "why": why,
-                "providers": self.session.get_providers()}
+                "providers": self.session.get_providers(), "provenance": UNKNOWN_PROVENANCE | {"score_threshold": c["score_threshold"]} | self.provenance()}
 
     def provenance(self) -> dict:
         """Where this model came from, as every result record carries it (``record.py``): the registered

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from ..data.dataset import Dataset, atomic_dir, registration_px, split_ids
 from ..edge import machine
 from ..evaluation.metrics import coco_metrics
-from ..pipeline.config import TrainConfig
+from ..pipeline import provenance
+from ..pipeline.config import Params, TrainConfig
 from . import checkpoint
 from .crops import PairDataset, collate
 from .devices import Ddp, resolve_device, resolve_precision
@@ -108,6 +109,7 @@ class Context:
     ddp: Ddp
     device: torch.device
     precision: str  # as resolved on this machine: fp32 | bf16
+    provenance: dict = field(default_factory=dict)  # commit, params hash, data version (pipeline.provenance)
 
     @property
     def resume_path(self) -> Path:
@@ -145,18 +147,28 @@ class Progress:
 
 
 def run(cfg: TrainConfig, seed: int, classes: tuple[str, ...], train_dir: str | Path, clean_dir: str | Path,
-        split_dir: str | Path, model_out: str | Path, live_dir: str | Path) -> dict:
+        split_dir: str | Path, model_out: str | Path, live_dir: str | Path, params: Params | None = None) -> dict:
+    """Train and save the best epoch to ``model_out``; returns the stage report.
+
+    ``params``: the whole params.yaml the stage read, only to fingerprint the sections that shaped the
+    model into the checkpoint's provenance (``pipeline.provenance``); None (a direct call with only
+    ``cfg``): the checkpoint's ``params_hash`` is ``"unknown"``. It must agree with ``cfg``, ``seed``, ``classes``.
+    """
+    if params is not None and (params.train, params.seed, tuple(params.classes)) != (cfg, seed, tuple(classes)):
+        raise ValueError("training.run: params differ from the train section, seed or classes passed with them; "
+                         "pass the params these came from (their hash goes into the checkpoint)")
     ddp = Ddp()
     device = resolve_device(cfg.device, ddp.local_rank)
     ddp.start(device)
     try:
         return _run(cfg, seed, classes, Path(train_dir), Path(clean_dir), split_dir, Path(model_out), live_dir,
-                    ddp, device)
+                    ddp, device, params)
     finally:
         ddp.stop()
 
 
-def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_dir, ddp: Ddp, device) -> dict:
+def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_dir, ddp: Ddp, device,
+         params: Params | None) -> dict:
     torch.manual_seed(seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -170,6 +182,8 @@ def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_di
     clean, use_template = Dataset.load(clean_dir), cfg.model.use_template
     val_ids = split_ids(split_dir, "val")
     ctx = Context(cfg, seed, classes, clean, clean_dir, val_ids, use_template, model_out, ddp, device, precision)
+    if ddp.main:  # the writer; before training, so the data version is that of the data read
+        ctx.provenance = provenance.collect(params, {"clean": clean_dir, "split": split_dir, "augmented": train_dir})
     parts = build(ctx, train_ds)
     # As run: an `auto` run resumed on a machine that resolves it otherwise starts over.
     fp = fingerprint(cfg.model_copy(update={"precision": precision}), seed, classes, train_dir, val_ids, ddp.world)
@@ -309,7 +323,7 @@ def keep_if_best(ctx: Context, parts: Parts, progress: Progress, epoch: int, sco
         checkpoint.save(ctx.model_out, parts.kept, ctx.classes, ctx.use_template, registration_px(ctx.clean_dir),
                         epoch=epoch, val_map=progress.best["map"] if scores else None,
                         val_map50=progress.best["map50"], seed=ctx.seed, torch=str(torch.__version__),
-                        train_images=len(parts.data))
+                        train_images=len(parts.data), **ctx.provenance)
 
 
 def log_step(live: Live, logged: dict[str, float]) -> None:
