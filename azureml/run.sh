@@ -2,7 +2,8 @@
 # What an AzureML job runs (azureml/pipeline-job.yml, azureml/train-distributed.yml), in the uploaded
 # repository: check out the commit, pull the DVC outputs, `dvc exp run` with the overrides, push.
 #
-#   bash azureml/run.sh --commit <sha> --name <exp> --out <folder> [--overrides "k=v k=v" | none] [--distributed]
+#   bash azureml/run.sh --commit <sha> --name <exp> --out <folder> [--overrides "k=v k=v" | none]
+#                       [--register-model true|false] [--distributed]
 #
 # Storage: the compute's managed identity. DefaultAzureCredential finds a user-assigned identity by
 # AZURE_CLIENT_ID, which AzureML exposes as DEFAULT_IDENTITY_CLIENT_ID; AZURE_TOKEN_CREDENTIALS=prod keeps
@@ -12,24 +13,30 @@
 # commit holding dvc.lock, params.yaml and reports/ is saved as <out>/result.bundle on branch
 # azureml/<name>, so locally:  git fetch result.bundle azureml/<name>:azureml/<name> && git checkout azureml/<name> && pcb-aoi-remote pull
 #
+# Tracking: AzureML sets MLFLOW_TRACKING_URI and MLFLOW_RUN_ID; train and evaluate log into the job's run.
+# --register-model true: after the push, models/model.e2e.onnx becomes a version of the registry's `pcb-aoi`
+# model, tagged with the result commit, the data md5s of its dvc.lock and the test metrics (azureml/register.py).
+#
 # --distributed (AzureML `distribution: type: pytorch`, one process per node): the train stage runs under
 # torchrun across all nodes (PCB_AOI_TORCHRUN, read by src/stages/train.py), one process per GPU. Node 0
 # runs the whole experiment and pushes; the other nodes prepare the same data (deterministic stages, or
 # pulled) and run only the train stage's command as torchrun workers.
 set -euo pipefail
 
-commit="" name="" out="" overrides="none" distributed=0
+commit="" name="" out="" overrides="none" distributed=0 register=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --commit) commit=$2; shift 2 ;;
     --name) name=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --overrides) overrides=$2; shift 2 ;;
+    --register-model) register=$(echo "$2" | tr '[:upper:]' '[:lower:]'); shift 2 ;;
     --distributed) distributed=1; shift ;;
     *) echo "error: run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [ -n "$commit" ] && [ -n "$name" ] && [ -n "$out" ] || { echo "error: run.sh: --commit, --name and --out are required" >&2; exit 2; }
+case "$register" in true|false) ;; *) echo "error: run.sh: --register-model: true or false, got $register" >&2; exit 2 ;; esac
 [ -d .git ] || { echo "error: run.sh: $(pwd) has no .git: submit with code: .. from a git checkout (azureml/submit.py)" >&2; exit 2; }
 
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" DVC_NO_ANALYTICS=1 NO_ALBUMENTATIONS_UPDATE=1
@@ -68,6 +75,9 @@ fi
 dvc exp run -n "$name" "${sets[@]}"
 python -m pcb_aoi.remote push
 dvc exp branch "$name" "azureml/$name"
+if [ "$register" = true ]; then
+  python azureml/register.py --commit "$(git rev-parse "azureml/$name")"   # the workspace: the job's own
+fi
 mkdir -p "$out"
 git bundle create "$out/result.bundle" "$commit..azureml/$name"   # needs the base commit, which you have
 cp -r reports "$out/reports"

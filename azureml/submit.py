@@ -4,6 +4,7 @@ git commit, pass the `dvc exp run -S` overrides, create the environment if neede
   python azureml/submit.py --check                                  # validate every spec offline, submit nothing
   python azureml/submit.py --dry-run -S train.epochs=30             # print the job that would be submitted
   python azureml/submit.py -S train.epochs=30 -S train.lr=0.001     # submit azureml/pipeline-job.yml
+  python azureml/submit.py --register-model                          # ... and register the model it trains
   python azureml/submit.py --job azureml/train-distributed.yml --instances 2 --compute gpu-cluster
 
 The workspace comes from --subscription/--resource-group/--workspace, or AZURE_SUBSCRIPTION_ID /
@@ -136,7 +137,8 @@ def prepare(args):
     if not NAME.match(args.name):
         raise SpecError(f"--name {args.name!r}: letters, digits, - and _ only (it names a git branch)")
     overrides = [{"inputs.commit": git_commit(HERE.parent)}, {"inputs.name": args.name},
-                 {"inputs.overrides": " ".join(args.set) or "none"}]
+                 {"inputs.overrides": " ".join(args.set) or "none"},
+                 {"inputs.register_model": "true" if args.register_model else "false"}]
     if args.compute:
         overrides.append({"compute": f"azureml:{args.compute}"})
     if args.instances:
@@ -154,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--name", default="azureml-run", help="experiment name and result branch azureml/<name>")
     ap.add_argument("--compute", help="compute cluster name (default: the spec's)")
     ap.add_argument("--instances", type=int, help="nodes for the distributed job")
+    ap.add_argument("--register-model", action="store_true",
+                    help="register the trained ONNX model in the workspace's registry (azureml/register.py)")
     ap.add_argument("--check", action="store_true", help="validate every spec offline and exit")
     ap.add_argument("--dry-run", action="store_true", help="print the job that would be submitted and exit")
     ap.add_argument("--subscription", default=os.environ.get("AZURE_SUBSCRIPTION_ID"))

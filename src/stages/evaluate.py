@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcb_aoi.evaluation import evaluate
+from pcb_aoi.pipeline import tracking
 from pcb_aoi.pipeline.cli import run_stage
 
 if __name__ == "__main__":
@@ -23,5 +24,7 @@ if __name__ == "__main__":
     ap.add_argument("--plots", required=True, help="folder for PR-curve and confusion-matrix data and overlays/")
     ap.add_argument("--operating-point", required=True,
                     help="JSON to write: the operating threshold, how and on which split it was chosen")
-    run_stage(ap, lambda p, a: evaluate.run(p.evaluate, a.model, a.clean, a.split, a.metrics, a.plots,
-                                            a.operating_point, classes=p.classes))
+    run_stage(ap, lambda p, a: tracking.tracked(  # MLflow, when MLFLOW_TRACKING_URI is set
+        "evaluate", {"classes": p.classes, "evaluate": p.evaluate},
+        lambda: evaluate.run(p.evaluate, a.model, a.clean, a.split, a.metrics, a.plots, a.operating_point,
+                             classes=p.classes)))

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcb_aoi.model import training
+from pcb_aoi.pipeline import tracking
 from pcb_aoi.pipeline.cli import run_stage
 
 if __name__ == "__main__":
@@ -35,5 +36,6 @@ if __name__ == "__main__":
     ap.add_argument("--split", required=True, help="folder holding split.parquet")
     ap.add_argument("--model", required=True, help="checkpoint to write (best validated epoch)")
     ap.add_argument("--live", required=True, help="dvclive folder (learning curves)")
-    run_stage(ap, lambda p, a: training.run(p.train, p.seed, p.classes, a.train, a.clean, a.split, a.model, a.live,
-                                            params=p))
+    run_stage(ap, lambda p, a: tracking.tracked(  # MLflow, when MLFLOW_TRACKING_URI is set
+        "train", {"seed": p.seed, "classes": p.classes, "train": p.train},
+        lambda: training.run(p.train, p.seed, p.classes, a.train, a.clean, a.split, a.model, a.live, params=p)))

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..data.dataset import Dataset, atomic_dir, registration_px, split_ids
 from ..edge import machine
 from ..evaluation.metrics import coco_metrics
-from ..pipeline import provenance
+from ..pipeline import provenance, tracking
 from ..pipeline.config import Params, TrainConfig
 from . import checkpoint
 from .crops import PairDataset, collate
@@ -329,6 +329,7 @@ def keep_if_best(ctx: Context, parts: Parts, progress: Progress, epoch: int, sco
 def log_step(live: Live, logged: dict[str, float]) -> None:
     for k, v in logged.items():
         live.log_metric(k, v)
+    tracking.log_epoch(live.step, logged)  # the same curves in MLflow, when a tracking URI is set
     live.next_step()
 
 
