@@ -3,6 +3,7 @@ import json
 import subprocess
 
 import pytest
+import yaml
 
 from conftest import TINY, copy_plot_templates, copy_project, merge, write_params
 
@@ -92,6 +93,16 @@ def test_repro_writes_every_report(repo):
         info = EdgeModel(repo / "models" / name).info()
         assert info["precision"] == precision and info["score_threshold"] == op["score_threshold"], name
     assert EdgeModel(repo / "models/model.int8.onnx").info()["int8"]["format"] == quant["format"]
+    # ... and where they came from: this commit, the data DVC locked, the metrics evaluate wrote
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    locked = {stage: next(o["md5"] for o in lock[stage]["outs"] if o["path"] == f"data/{name}")
+              for stage, name in (("etl", "clean"), ("split", "split"), ("augment", "augmented"))}
+    head = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
+    for name in ("model.onnx", "model.e2e.onnx", "model.int8.onnx"):
+        prov = EdgeModel(repo / "models" / name).provenance()
+        assert prov["commit"] == head and prov["dirty"] is False and prov["version"] == "unregistered", name
+        assert prov["data"] == {"clean": locked["etl"], "split": locked["split"], "augmented": locked["augment"]}, name
+        assert prov["metrics"]["deeppcb_ap"] == m["deeppcb"]["ap"] and prov["score_threshold"] == op["score_threshold"], name
     assert (repo / "reports/plots/confusion.csv").is_file()
     pr = (repo / "reports/plots/pr.csv").read_text().splitlines()
     assert pr[0] == "class,recall,precision" and {row.split(",")[0] for row in pr[1:]} <= set(TINY_CLASSES)
