@@ -204,7 +204,8 @@ class EdgeModel:
                 "classes": self.classes, "needs_template": self.needs_template, "outputs": c["outputs"],
                 "register_max_px": self.register_px, "score_threshold": c["score_threshold"],
                 "model_config": c.get("model_config"), "cpu": cpu.describe(), "on_this_cpu": status, "why": why,
-                "providers": self.session.get_providers()}
+                "providers": self.session.get_providers(),
+                "version": self.provenance()["version"]}  # registered version (pcb-aoi-registry fetch) or "unregistered"
 
     def provenance(self) -> dict:
         """Where this model came from, as every result record carries it (``record.py``): the registered
