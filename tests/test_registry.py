@@ -4,8 +4,6 @@ into an empty folder, and the edge app reporting that version; bad versions and 
 with the list of what exists, writing nothing. Also: the project's own dvc.yaml declaration."""
 import json
 import os
-import shutil
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -23,11 +21,12 @@ from test_remote import ENV, create_container, sh
 
 from pcb_aoi.deploy import export
 from pcb_aoi.edge.contract import CONTRACT_KEY
+from pcb_aoi.lifecycle import cli as registry_cli, registry as registry_lib
 from pcb_aoi.model import checkpoint
 from pcb_aoi.model.inference import prepare_input
 from pcb_aoi.pipeline.config import CLASSES
 
-REGISTRY = [sys.executable, "-m", "pcb_aoi.lifecycle.registry"]
+REGISTRY = [sys.executable, "-m", "pcb_aoi.lifecycle"]
 DETECT = [sys.executable, "-m", "pcb_aoi.edge.app"]
 MODEL = "models/model.e2e.onnx"
 V1, V2 = "v1.0.0", "v1.0.1"  # v2 is registered without --version: the patch number of v1, bumped
@@ -163,35 +162,79 @@ def test_dvc_artifacts_get_reads_the_same_tags(published, model_files, tmp_path)
     assert (tmp_path / "v2.onnx").read_bytes() == model_files[1]
 
 
+def run_main(capsys, *args) -> tuple[int, str]:
+    """pcb-aoi-registry in this process (the refusals need no git identity): (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        rc = registry_cli.main([str(a) for a in args])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, expect", [
     (["fetch", "v9.9.9"], ["no version 'v9.9.9'", f"registered versions: {V1}, {V2}"]),
     (["fetch", "--stage", "staging"], ["nothing is promoted to stage 'staging'", f"versions: {V1} (prod), {V2}"]),
 ])
-def test_fetch_refuses_what_does_not_exist_and_writes_nothing(published, tmp_path, args, expect):
+def test_fetch_refuses_what_does_not_exist_and_writes_nothing(published, tmp_path, monkeypatch, capsys, args, expect):
     _, bare, conn, _ = published
-    out = tmp_path / "out"
-    r = registry(*args, "--out", out, "--repo", bare, cwd=tmp_path, env=box_env(conn))
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", conn)
+    monkeypatch.chdir(tmp_path)
+    rc, err = run_main(capsys, *args, "--out", tmp_path / "out", "--repo", bare)
+    assert rc == 1 and err.startswith("error: "), err
     for text in expect:
-        assert text in r.stderr, r.stderr
+        assert text in err, err
     assert list(tmp_path.iterdir()) == [], "a refused fetch wrote something"
 
 
-def test_register_and_promote_refuse_without_writing_a_tag(published):
+def test_register_and_promote_refuse_without_writing_a_tag(published, capsys):
     repo = published[0]
     tags = sh(repo, "git", "tag").stdout
     for args, expect in [
         (["promote", "v9.9.9", "staging"], f"no version 'v9.9.9'; registered versions: {V1}, {V2}"),
         (["register"], f"commit {published[3][1][:8]} is already registered as {V2}"),
         (["register", "--rev", "HEAD~1", "--version", "v3.0.0"], f"already registered as {V1}"),
+        (["register", "--version", V1, "--rev", "HEAD~1"], f"{V1} is already registered"),
         (["register", "--version", "3.0"], "use vMAJOR.MINOR.PATCH"),
         (["register", "--artifact", "nope"], "no model artifact 'nope'; declared: pcb-detector"),
         (["register", "--rev", "nope"], "unknown git revision 'nope'"),
     ]:
-        r = registry(*args, cwd=repo)
-        assert r.returncode == 1 and expect in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        rc, err = run_main(capsys, *args, "-C", repo)
+        assert rc == 1 and expect in err, (args, err)
     assert sh(repo, "git", "tag").stdout == tags
-    assert registry("promote", V1, "qa", cwd=repo).returncode == 2  # argparse: staging | prod
+    assert run_main(capsys, "promote", V1, "qa", "-C", repo)[0] == 2  # argparse: staging | prod
+
+
+def test_promoting_an_older_version_is_the_rollback(tmp_path, monkeypatch, capsys):
+    """prod: v1, then v2, then v1 again: fetch, list and `dvc artifacts get` all say v1 (the newest
+    assignment wins, not the highest version). A repo on disk with its own cache: no remote needed."""
+    for key in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{key}_NAME", "test")
+        monkeypatch.setenv(f"GIT_{key}_EMAIL", "t@example.com")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh(repo, "git", "init", "-q", "-b", "main")
+    sh(repo, "dvc", "init", "-q")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"artifacts": {"pcb-detector": {"path": MODEL, "type": "model"}}}))
+    (repo / "models").mkdir()
+    for data in (b"first model", b"second model, longer"):
+        tmp = repo / "models" / ".new"
+        tmp.write_bytes(data)
+        os.replace(tmp, repo / MODEL)
+        sh(repo, "dvc", "add", "-q", MODEL)
+        sh(repo, "git", "add", "-A")
+        sh(repo, "git", "commit", "-qm", data.decode())
+        assert run_main(capsys, "register", "-C", repo)[0] == 0
+    for version in ("v0.0.1", "v0.0.2", "v0.0.1"):
+        rc, err = run_main(capsys, "promote", version, "prod", "-C", repo)
+        assert rc == 0, err
+    assert run_main(capsys, "promote", "v0.0.1", "prod", "-C", repo)[1].endswith("already the version in stage 'prod'\n")
+    prod = [v["version"] for v in registry_lib.versions(repo, "pcb-detector") if "prod" in v["stages"]]
+    assert prod == ["v0.0.1"]
+    assert run_main(capsys, "fetch", "--stage", "prod", "--out", tmp_path / "box", "--repo", repo)[0] == 0
+    assert (tmp_path / "box/model.e2e.onnx").read_bytes() == b"first model"
+    sh(tmp_path, "dvc", "artifacts", "get", str(repo), "pcb-detector", "--stage", "prod", "-o", "dvc.onnx")
+    assert (tmp_path / "dvc.onnx").read_bytes() == b"first model"
 
 
 def test_project_declares_the_shipped_files_with_a_true_contract_and_metrics():

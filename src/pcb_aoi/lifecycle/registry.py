@@ -1,5 +1,6 @@
 """The model registry: versions and stages of the detector files as git tags (GTO), the files themselves
-in the DVC remote, fetched by version or stage onto the edge box (``pcb-aoi-registry``).
+in the DVC remote, fetched by version or stage onto the edge box (the library behind
+``pcb-aoi-registry``, ``pcb_aoi.lifecycle.cli``).
 
 Why git tags: a version is a reviewed commit, so the tag points at exactly the code, params, dvc.lock
 and data versions that made the model; promoting is one more tag (``pcb-detector#prod#N``), reviewable
@@ -148,27 +149,42 @@ def promote(root: str | Path, version: str, stage: str, artifacts: list[str] | N
     if not artifacts:  # the release: every artifact registered at that version
         names = [n for n in names if any(v["version"] == version for v in have[n])] or names
     for n in names:
-        if not any(v["version"] == version for v in have[n]):
+        match = [v for v in have[n] if v["version"] == version]
+        if not match:
             raise _unknown_version(n, version, have[n])
+        if stage in match[0]["stages"]:
+            raise RegistryError(f"{n} {version} is already the version in stage {stage!r}")
+    _next_second(root, names, stage)
     done = []
-    for n in names:
-        a = _gto_call(gto.api.assign, str(root), n, stage, version=version, push=push)
+    for n in names:  # force: a version that was in the stage before (a rollback) gets a new, newer tag
+        a = _gto_call(gto.api.assign, str(root), n, stage, version=version, push=push, force=True)
         done.append({"artifact": n, "version": a.version, "stage": stage, "commit": a.commit_hexsha, "tag": a.tag})
     return done
 
 
-def _stage_version(root: str, name: str, stage: str, have: list[dict]) -> str:
-    """The version of ``name`` that ``stage`` points at now (GTO: the newest assignment)."""
-    import gto.api
+def _next_second(root: str | Path, names: list[str], stage: str) -> None:
+    """Wait, if needed, until the clock is past the newest ``stage`` tag of these artifacts: git tag times
+    have whole seconds, and two promotions within one second would leave "the newest" undefined."""
+    from gto.tag import find
+    from scmrepo.git import Git
 
-    found = _gto_call(gto.api.find_versions_in_stage, root, name, stage)
-    found = found[0] if isinstance(found, list) and found else found
-    if not found:
+    with Git(str(root)) as scm:
+        last = max((t.tag_time for n in names for t in find(name=n, stage=stage, scm=scm)), default=0)
+    while time.time() < last + 1:
+        time.sleep(0.05)
+
+
+def _stage_version(name: str, stage: str, have: list[dict]) -> str:
+    """The version of ``name`` that ``stage`` points at now: the one with the newest assignment tag of
+    that stage, as ``dvc artifacts get --stage`` and ``list`` read it (``gto which`` would pick the highest
+    version holding the stage, so a rollback would not show there)."""
+    holders = [v for v in have if stage in v["stages"]]
+    if not holders:
         listed = ", ".join(f"{v['version']}" + (f" ({', '.join(v['stages'])})" if v["stages"] else "")
                            for v in sorted(have, key=lambda v: _semver(v["version"]))) or "none yet"
         raise RegistryError(f"{name}: nothing is promoted to stage {stage!r}; versions: {listed} "
                             f"(`pcb-aoi-registry promote VERSION {stage}`)")
-    return found.version
+    return holders[0]["version"]
 
 
 def _open_repo(repo: str, remote: str | None):
@@ -211,13 +227,20 @@ def fetch(repo: str, out: str | Path, version: str | None = None, stage: str | N
         root = r.scm.root_dir  # the repository, or its clone: GTO reads the tags there
         declared = model_artifacts(root)
         names = _pick(declared, artifacts, f"{repo} dvc.yaml")
-        plan = []
+        plan, refused = [], []
         for n in names:
             have = versions(root, n)
-            v = _stage_version(root, n, stage, have) if stage else version
-            if not any(h["version"] == v for h in have):
-                raise _unknown_version(n, v, have)
+            try:
+                v = _stage_version(n, stage, have) if stage else version
+                if not any(h["version"] == v for h in have):
+                    raise _unknown_version(n, v, have)
+            except RegistryError as e:
+                refused.append(e)
+                continue
             plan.append((n, v, r.artifacts.get_rev(n, version=v)))
+        if refused and (artifacts or not plan):  # by default, what has it (an artifact added later has not)
+            raise refused[0]
+        names = [n for n, _, _ in plan]
         files = [Path(declared[n]["path"]).name for n in names]
         if len(set(files)) != len(files):
             raise RegistryError(f"artifacts {', '.join(names)} share a file name ({files}): fetch them one "
@@ -244,75 +267,3 @@ def fetch(repo: str, out: str | Path, version: str | None = None, stage: str | N
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return [out / name for name in files]
-
-
-def table(root: str | Path = ".") -> list[dict]:
-    """One row per registered version of every model artifact at HEAD (what ``list`` prints)."""
-    return [{"artifact": n, **v} for n in sorted(model_artifacts(root)) for v in versions(root, n)]
-
-
-def parser():
-    import argparse
-
-    ap = argparse.ArgumentParser(
-        prog="pcb-aoi-registry", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  pcb-aoi-registry register --version v1.2.0 --push     # HEAD of the reviewed main\n"
-               "  pcb-aoi-registry promote v1.2.0 staging --push\n  pcb-aoi-registry list\n"
-               "  pcb-aoi-registry fetch --stage prod --out /opt/aoi/model --repo https://github.com/org/pcb-aoi.git")
-    sub = ap.add_subparsers(dest="command", required=True)
-    for name, help_ in (("register", "tag a commit as a version of the model artifacts"),
-                        ("promote", "assign a stage to a registered version"),
-                        ("list", "registered versions, their commits and stages"),
-                        ("fetch", "download a version (or a stage's version) with its sidecar")):
-        p = sub.add_parser(name, help=help_)
-        if name != "fetch":
-            p.add_argument("-C", "--root", default=".", help="the git + DVC repository (default: %(default)s)")
-        if name != "list":
-            p.add_argument("--artifact", action="append",
-                           help="only this artifact (repeatable; default: every `type: model` artifact in dvc.yaml)")
-        if name in ("register", "promote"):
-            p.add_argument("--push", action="store_true", help="push the new git tags to origin")
-        if name == "register":
-            p.add_argument("--version", help="vMAJOR.MINOR.PATCH (default: the last version, patch + 1)")
-            p.add_argument("--rev", default="HEAD", help="the reviewed commit to register (default: %(default)s)")
-        elif name == "promote":
-            p.add_argument("version", help="a registered version, e.g. v1.2.0")
-            p.add_argument("stage", choices=STAGES)
-        elif name == "fetch":
-            p.add_argument("version", nargs="?", help="a registered version (or --stage)")
-            p.add_argument("--stage", choices=STAGES, help="the version this stage points at now")
-            p.add_argument("--out", required=True, help="folder for the model files and their sidecars")
-            p.add_argument("--repo", default=".", help="git URL or path of the project (default: %(default)s)")
-            p.add_argument("--remote", help="DVC remote (default: the default remote, else the only one)")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    ap = parser()
-    a = ap.parse_args(argv)
-    if a.command == "fetch" and (a.version is None) == (a.stage is None):
-        ap.error("fetch: give a VERSION or --stage STAGE (not both)")
-    try:
-        if a.command == "register":
-            rows = register(a.root, a.version, a.rev, a.artifact, a.push)
-        elif a.command == "promote":
-            rows = promote(a.root, a.version, a.stage, a.artifact, a.push)
-        elif a.command == "list":
-            rows = table(a.root)
-        else:
-            paths = fetch(a.repo, a.out, a.version, a.stage, a.artifact, a.remote)
-            rows = [json.loads(Path(str(p) + SIDECAR).read_text()) | {"file": str(p)} for p in paths]
-    except RegistryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for row in rows:
-        print(json.dumps(row))
-    if a.command in ("register", "promote") and not a.push:
-        print("tags are local: `git push origin --tags` (or --push) to publish them", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
