@@ -207,12 +207,13 @@ class EdgeModel:
         fares on this CPU."""
         cpu = cpu or machine.cpu()
         status, why = self.cpu_verdict(cpu)
-        c = self.contract
+        c, prov = self.contract, self.provenance()
         return {"model": str(self.path), "precision": self.precision, "int8": c.get("int8"),
                 "classes": self.classes, "needs_template": self.needs_template, "outputs": c["outputs"],
                 "register_max_px": self.register_px, "score_threshold": c["score_threshold"],
                 "model_config": c.get("model_config"), "cpu": cpu.describe(), "on_this_cpu": status, "why": why,
-                "providers": self.session.get_providers(), "provenance": UNKNOWN_PROVENANCE | {"score_threshold": c["score_threshold"]} | self.provenance()}
+                "providers": self.session.get_providers(), "version": prov["version"],  # registered (pcb-aoi-registry fetch) or "unregistered"
+                "provenance": UNKNOWN_PROVENANCE | {"score_threshold": c["score_threshold"]} | prov}
 
     def provenance(self) -> dict:
         """Where this model came from, as every result record carries it (``record.py``): the registered
