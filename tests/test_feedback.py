@@ -33,8 +33,8 @@ def line(models, tmp_path_factory):
     return inbox, journal, recs
 
 
-def write_csv(path: Path, rows: list[str]) -> Path:
-    path.write_text("image,detection,action,class,x1,y1,x2,y2\n" + "".join(r + "\n" for r in rows))
+def write_csv(path: Path, rows: list[str], bom: str = "") -> Path:
+    path.write_text(bom + "image,detection,action,class,x1,y1,x2,y2\n" + "".join(r + "\n" for r in rows))
     return path
 
 
@@ -79,7 +79,8 @@ def test_collect_round_trip_deeppcb_and_voc(line, tmp_path, capsys):
         assert Path(r["template_path"]).read_bytes() == (inbox / Path(r["template_path"]).name).read_bytes()
     summary = json.loads((out / "collect.json").read_text())
     n_a, n_b = len(recs["a_test.png"]["detections"]), len(recs["b_test.png"]["detections"])
-    assert (summary["accepted"], summary["relabelled"], summary["false_calls_rejected"], summary["missed_added"]) == (1, 1, 2, 1)
+    assert (summary["accepted"], summary["relabelled"], summary["false_calls_rejected"],
+            summary["missed_added"]) == (1, 1, 2, 1)
     assert summary["accepted_unnamed"] == (n_a - 3) + (n_b - 1)
     assert sum(summary["labels"].values()) == sum(map(len, expected.values()))
     assert summary["models"] == [recs["a_test.png"]["model"]]
@@ -87,7 +88,8 @@ def test_collect_round_trip_deeppcb_and_voc(line, tmp_path, capsys):
     # The same verdicts as JSON lines, written as VOC (templates dropped); --unreviewed accept keeps c.
     jl = tmp_path / "verdicts.jsonl"
     jl.write_text("".join(json.dumps(o) + "\n" for o in [
-        {"image": "a_test.png", "detection": 0, "action": "accept"}, {"image": "a_test.png", "detection": 1, "action": "reject"},
+        {"image": "a_test.png", "detection": 0, "action": "accept"},
+        {"image": "a_test.png", "detection": 1, "action": "reject"},
         {"image": "a_test.png", "detection": 2, "action": "relabel", "class": rows[2].split(",")[3]},
         {"image": "a_test.png", "action": "missed", "class": "pin-hole", "box": [3, 4, 20.5, 30]},
         {"image": "incoming/b_test.png", "detection": 0, "action": "reject"}]))
@@ -96,7 +98,8 @@ def test_collect_round_trip_deeppcb_and_voc(line, tmp_path, capsys):
                          "--unreviewed", "accept"]) == 0
     images, boxes = readers.read_voc(voc)
     c = recs["c_test.png"]["detections"]
-    assert labels_of(boxes, lambda i: i.removesuffix("_test")) == expected | {"c": sorted((d["class"], d["box"]) for d in c)}
+    c_labels = sorted((d["class"], d["box"]) for d in c)
+    assert labels_of(boxes, lambda i: i.removesuffix("_test")) == expected | {"c": c_labels}
     assert not list(voc.glob("*_temp.png"))
     assert all(Path(r["path"]).read_bytes() == (inbox / Path(r["path"]).name).read_bytes() for r in images)
     # run again into the same folder: replaced, not merged
@@ -106,7 +109,7 @@ def test_collect_round_trip_deeppcb_and_voc(line, tmp_path, capsys):
 
 def test_an_accept_without_id_takes_a_clean_image_as_reviewed(line, tmp_path):
     inbox, journal, recs = line
-    verdicts = write_csv(tmp_path / "v.csv", ["c_test.png,,accept"])
+    verdicts = write_csv(tmp_path / "v.csv", ["c_test.png,,accept"], bom="\ufeff")  # as a spreadsheet saves it
     out = tmp_path / "out"
     assert collect.main(["--journal", str(journal), "--verdicts", str(verdicts), "--out", str(out)]) == 0
     _, boxes = readers.read_deeppcb(out)
@@ -144,11 +147,14 @@ def test_bad_journal_and_folders_are_refused(line, tmp_path, capsys):
     old.write_text(json.dumps({"file": "a_test.png", "status": "ok", "detections": []}) + "\n")
     twice = tmp_path / "twice.jsonl"
     twice.write_text(journal.read_text() + journal.read_text().splitlines()[0] + "\n")
+    header_only = write_csv(tmp_path / "none.csv", [])
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("someone's data")
     for args, message in [
         (["--journal", str(old)], f"{old}:1: not a result record"),
         (["--journal", str(twice)], f"{twice}:4: a_test.png is already in the journal at {twice}:1"),
+        (["--journal", str(journal), "--verdicts", str(header_only)], "no image to collect (3 inspected image(s) "
+         "without a verdict line"),
         (["--journal", str(journal), "--images", str(tmp_path)], f"image {tmp_path / 'a_test.png'} not found"),
         (["--journal", str(journal), "--out", str(tmp_path / "mine")], "was not written by pcb-aoi-collect"),
         (["--journal", str(journal), "--format", "deeppcb", "--classes", "open,scratch"], ""),

@@ -81,9 +81,9 @@ def read_journal(path: Path) -> tuple[dict[str, Inspected], list[str]]:
 def read_verdicts(path: Path) -> list[Verdict]:
     """The verdicts of ``path`` (``.csv`` or ``.jsonl``), each checked on its own (see ``verdict``)."""
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise FeedbackError(f"{path}: cannot read the verdict file ({e.strerror or e})") from None
+        text = path.read_text(encoding="utf-8-sig")  # a CSV saved by a spreadsheet may start with a BOM
+    except (OSError, UnicodeDecodeError) as e:
+        raise FeedbackError(f"{path}: cannot read the verdict file ({getattr(e, 'strerror', None) or e})") from None
     if path.suffix.lower() == ".csv":
         return _read_csv(path, text)
     if path.suffix.lower() in (".jsonl", ".ndjson"):
@@ -123,9 +123,10 @@ def _read_jsonl(path: Path, text: str) -> list[Verdict]:
             obj = json.loads(line)
         except ValueError as e:
             raise FeedbackError(f"{where}: not JSON ({e})") from None
-        if not isinstance(obj, dict) or set(obj) - set(JSON_KEYS):
+        unknown = sorted(set(obj) - set(JSON_KEYS)) if isinstance(obj, dict) else []
+        if not isinstance(obj, dict) or unknown:
             raise FeedbackError(f"{where}: a verdict is an object with the keys {', '.join(JSON_KEYS)}"
-                                + (f"; unknown: {', '.join(sorted(set(obj) - set(JSON_KEYS)))}" if isinstance(obj, dict) else ""))
+                                + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
         box = obj.get("box")
         if box is not None and not (isinstance(box, list) and len(box) == 4):
             raise FeedbackError(f"{where}: box must be [x1, y1, x2, y2], got {box!r}")
