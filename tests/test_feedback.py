@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from test_edge import CHECK_IMPORTS, drop_pair, models, no_torch_env, read_jsonl, wait_for  # noqa: F401 (fixtures)
 
-from pcb_aoi.data import readers
+from pcb_aoi.data import ingest, readers
+from pcb_aoi.data.dataset import Dataset
+from pcb_aoi.pipeline.config import CLASSES, IngestConfig
 from pcb_aoi.edge import app, collect
 
 STEMS = ("a", "b", "c")
@@ -77,6 +79,10 @@ def test_collect_round_trip_deeppcb_and_voc(line, tmp_path, capsys):
     for r in images:  # byte for byte, the template too
         assert Path(r["path"]).read_bytes() == (inbox / Path(r["path"]).name).read_bytes()
         assert Path(r["template_path"]).read_bytes() == (inbox / Path(r["template_path"]).name).read_bytes()
+    # the ingest stage takes it as it is: pairs, sizes, classes
+    raw = ingest.run(IngestConfig(source="deeppcb", uri=str(out)), 0, CLASSES, tmp_path / "raw")
+    assert (raw["images"], raw["boxes"]) == (2, sum(map(len, expected.values())))
+    assert all(Dataset.load(tmp_path / "raw").images.template_path != "")
     summary = json.loads((out / "collect.json").read_text())
     n_a, n_b = len(recs["a_test.png"]["detections"]), len(recs["b_test.png"]["detections"])
     assert (summary["accepted"], summary["relabelled"], summary["false_calls_rejected"],
@@ -101,6 +107,7 @@ def test_collect_round_trip_deeppcb_and_voc(line, tmp_path, capsys):
     c_labels = sorted((d["class"], d["box"]) for d in c)
     assert labels_of(boxes, lambda i: i.removesuffix("_test")) == expected | {"c": c_labels}
     assert not list(voc.glob("*_temp.png"))
+    assert ingest.run(IngestConfig(source="voc", uri=str(voc)), 0, CLASSES, tmp_path / "raw-voc")["images"] == 3
     assert all(Path(r["path"]).read_bytes() == (inbox / Path(r["path"]).name).read_bytes() for r in images)
     # run again into the same folder: replaced, not merged
     assert collect.main(["--journal", str(journal), "--verdicts", str(jl), "--out", str(voc), "--format", "voc"]) == 0
