@@ -118,3 +118,26 @@ def test_threshold_is_floored_to_keep_its_detection():
     p = {"a": det((OPEN, 0.123456, [0, 0, 10, 10]))}
     t, n = deeppcb.operating_point(deeppcb.Matches.of(g, p), 0.0)
     assert t == 0.1234 and n["escapes"] == 0
+
+
+def test_board_verdicts_by_hand():
+    # Five boards at threshold 0.5:
+    #  a: defect found (0.9)                          -> defective, fails: caught
+    #  b: defect, only a 0.4 detection on it          -> defective, passes: a board escape
+    #  c: defect missed, a 0.7 false call elsewhere   -> defective, fails on a false call only (not an escape)
+    #  d: no defect, a 0.6 false call                 -> defect-free, fails: a board false call
+    #  e: no defect, a 0.2 detection                  -> defect-free, passes
+    g = {"a": gt((OPEN, [0, 0, 10, 10])), "b": gt((SHORT, [0, 0, 10, 10])), "c": gt((OPEN, [0, 0, 10, 10])),
+         "d": gt(), "e": gt()}
+    p = {"a": det((SHORT, 0.9, [0, 0, 10, 10])), "b": det((SHORT, 0.4, [0, 0, 10, 10])),
+         "c": det((OPEN, 0.7, [50, 50, 60, 60])), "d": det((OPEN, 0.6, [5, 5, 9, 9])), "e": det((OPEN, 0.2, [1, 1, 4, 4]))}
+    v = deeppcb.protocol(g, p, 0.5)["board_verdicts"]
+    assert v == {"boards": 5, "defective": 3, "defect_free": 2, "failed": 3, "escapes": 1, "escape_rate": 0.333333,
+                 "false_calls": 1, "false_call_rate": 0.5, "failed_on_false_calls_only": 2}
+    # at 0.3 board b is caught too; at 0.95 nothing fails: every defective board escapes
+    assert deeppcb.protocol(g, p, 0.3)["board_verdicts"]["escapes"] == 0
+    v = deeppcb.protocol(g, p, 0.95)["board_verdicts"]
+    assert (v["failed"], v["escape_rate"], v["false_call_rate"], v["failed_on_false_calls_only"]) == (0, 1.0, 0.0, 0)
+    # a split without defect-free boards has no board false-call rate, but still counts the wasted stops
+    v = deeppcb.protocol({k: g[k] for k in "abc"}, p, 0.5)["board_verdicts"]
+    assert (v["defect_free"], v["false_calls"], v["false_call_rate"], v["failed_on_false_calls_only"]) == (0, 0, None, 1)

@@ -62,7 +62,9 @@ def test_auto_threshold_is_chosen_on_validation(trained, tmp_path):
     # the test metrics are reported at that threshold
     assert m["deeppcb"]["score_threshold"] == m["score_threshold"] == op["score_threshold"]
     assert {"ap", "precision", "recall", "fscore", "escape_rate", "false_calls_per_image",
-            "false_calls_per_board", "per_class_recall"} <= set(m["deeppcb"])
+            "false_calls_per_board", "per_class_recall", "board_verdicts"} <= set(m["deeppcb"])
+    v = json.loads((tmp_path / "metrics.json").read_text())["deeppcb"]["board_verdicts"]  # one image = one board
+    assert v["boards"] == m["test_images"] == v["defective"] + v["defect_free"] and v["escapes"] <= v["defective"]
     # the threshold is the highest one within the limit: one step above it escapes more than 80 %
     ds = Dataset.load(d / "clean")
     val = split_ids(d / "split", "val")

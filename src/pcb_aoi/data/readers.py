@@ -52,6 +52,8 @@ LIST_LINES_SHOWN = 20  # missing list lines named in reports/ingest.json; the co
 def read_deeppcb(root: Path, board_regex: str = "", report: dict | None = None) -> tuple[list[dict], list[dict]]:
     """``PCBData/groupG/N/X_test.jpg`` + ``X_temp.jpg``, labels ``groupG/N_not/X.txt`` (x1 y1 x2 y2 id).
 
+    Pairs saved with another image suffix (``X_test.png`` + ``X_temp.png``) are read the same way.
+
     The board id is the group (``board_regex`` is not used); the official ``trainval.txt`` /
     ``test.txt`` lists, when present, fill ``source_split``. A pair without its ``_temp`` file keeps its
     expected path in ``expected_template`` (etl rejects it, naming the path).
@@ -64,7 +66,8 @@ def read_deeppcb(root: Path, board_regex: str = "", report: dict | None = None) 
     for g in groups:
         for label in sorted(g.glob("*_not/*.txt")):
             stem, folder = label.stem, g / label.parent.name.removesuffix("_not")
-            test, temp = folder / f"{stem}_test.jpg", folder / f"{stem}_temp.jpg"
+            test = _pair_image(folder, f"{stem}_test")
+            temp = test.with_name(f"{stem}_temp{test.suffix}")
             if not test.is_file():
                 raise DataError(f"{label}: label without image (expected {test})")
             row = _image_row(stem, test, temp if temp.is_file() else None, g.name.removeprefix("group"))
@@ -81,12 +84,21 @@ def read_deeppcb(root: Path, board_regex: str = "", report: dict | None = None) 
                                     + ", ".join(f"{k}={v}" for k, v in DEEPPCB_CLASSES.items()))
                 boxes.append(_box(stem, DEEPPCB_CLASSES[int(cid)], x1, y1, x2, y2, f"{label}:{n}"))
         labelled = {Path(r["path"]) for r in images}
-        for test in sorted(g.glob("*/*_test.jpg")):
+        for test in sorted(p for p in g.glob("*/*_test.*") if p.suffix.lower() in IMAGE_SUFFIXES):
             if test not in labelled:
                 raise DataError(f"{test}: image without label (expected {test.parent}_not/"
                                 f"{test.stem.removesuffix('_test')}.txt)")
     _deeppcb_lists(root, base, images, report if report is not None else {})
     return images, boxes
+
+
+def _pair_image(folder: Path, name: str) -> Path:
+    """``folder/name.jpg`` (DeepPCB's own), or ``name`` with another image suffix when only that is there
+    (pairs the line saved as PNG, ``pcb-aoi-collect``); the ``.jpg`` path when none is."""
+    for suffix in (".jpg", *sorted(IMAGE_SUFFIXES - {".jpg"})):
+        if (folder / f"{name}{suffix}").is_file():
+            return folder / f"{name}{suffix}"
+    return folder / f"{name}.jpg"
 
 
 def _deeppcb_lists(root: Path, base: Path, images: list[dict], report: dict) -> None:

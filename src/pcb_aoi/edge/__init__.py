@@ -1,5 +1,6 @@
 """What runs on the edge box, without PyTorch: the model contract, image decoding and registration, the
-ONNX Runtime model and its numpy decoding, the INT8 formats and CPU checks, and the pcb-aoi-detect app."""
+ONNX Runtime model and its numpy decoding, the INT8 formats and CPU checks, the pcb-aoi-detect app and
+pcb-aoi-collect (operator verdicts -> a labelled folder)."""
 from .._lazy import exports
 
 EXPORTS = {
@@ -11,7 +12,8 @@ EXPORTS = {
     "detect": "runtime",
     "register_template": "preprocess", "PAD_MULTIPLE": "preprocess", "PAD_VALUES": "preprocess",
     "Cpu": "machine", "cpu": "machine", "FORMATS": "int8", "Int8Format": "int8", "verdict": "int8",
-    "Inspector": "inspector", "Journal": "folder",
+    "Inspector": "inspector", "Journal": "folder", "ReviewBand": "review_band",
+    "FeedbackError": "verdicts", "read_verdicts": "verdicts", "read_journal": "verdicts",
 }
 __all__ = sorted(EXPORTS)
 __getattr__, __dir__ = exports(__name__, EXPORTS)

@@ -23,6 +23,10 @@ alone until their size and time stamp stay the same for ``--settle`` seconds; hi
 ``*.tmp``/``*.part`` names are ignored (write ``x.png.tmp`` and rename it, the safe way to drop a
 file). SIGINT/SIGTERM: the current image is finished, then the app exits 0.
 
+Review: ``--review-dir D --review-band LO,HI`` copies each image with a detection scoring in [LO, HI]
+(with its template) to D beside its record ``<image>.json``, for an operator; the band may reach below
+the threshold (near misses, listed in the record's ``review`` block). Verdicts: ``pcb-aoi-collect``.
+
 Errors never stop the app: any exception on one image (a corrupt file, an ONNX Runtime error, a
 bug) becomes that image's ``{"status": "error", "error": "<Type>: <message>"}`` record (an EdgeError
 gives just its message, which names the file) and the next image is processed; with a list of files
@@ -56,6 +60,7 @@ from pathlib import Path
 from .contract import PROVIDERS
 from .folder import Journal, watch
 from .inspector import Inspector, image_log, log, write_atomic
+from .review_band import ReviewBand, parse_band
 from .runtime import EdgeError, EdgeModel
 
 __all__ = ["Inspector", "Journal", "main", "run_files", "watch"]
@@ -111,6 +116,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--info", action="store_true", help="print the model's contract (classes, template, INT8 "
                     "format), this CPU's instruction sets and whether the model computes exactly on it, as JSON; "
                     "then exit")
+    ap.add_argument("--review-dir", type=Path, help="set aside for an operator: an image with a detection scoring "
+                    "in --review-band is copied here (with its template) beside its record <image>.json")
+    ap.add_argument("--review-band", help="LO,HI: the scores that send an image to --review-dir, 0 <= LO <= HI <= 1; "
+                    "below the threshold too (near misses, listed in the copied record's \"review\" block)")
     ap.add_argument("--quiet", action="store_true", help="log errors only, not a line per image")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads, 0 = all cores")
     ap.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS), help="ONNX Runtime execution provider "
@@ -129,6 +138,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("give image files, or --watch FOLDER --out-dir FOLDER (or --info)")
     if args.score is not None and not 0 <= args.score <= 1:
         ap.error(f"--score {args.score}: must be between 0 and 1")
+    args.review = None
+    if bool(args.review_dir) != bool(args.review_band):
+        ap.error("--review-dir and --review-band go together")
+    if args.review_dir:
+        try:
+            args.review = ReviewBand(args.review_dir, *parse_band(args.review_band))
+        except ValueError as e:
+            ap.error(f"--review-band {e}")
     return args
 
 

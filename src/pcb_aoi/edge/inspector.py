@@ -133,9 +133,12 @@ class Inspector:
 
     def _infer(self, image: Path, loading) -> dict:
         t0 = time.perf_counter()
+        review = getattr(self.args, "review", None)  # review_band.ReviewBand (--review-dir) or None
         try:
             t0, test, template = loading.result()
-            dets = self.model.detect(test, template, self.threshold, name=str(image), registered=True)
+            low = self.threshold if review is None else min(self.threshold, review.lo)  # near misses too
+            found = self.model.detect(test, template, low, name=str(image), registered=True)
+            dets = found if low == self.threshold else [d for d in found if review.above(d.score, self.threshold)]
             if self.args.overlay_dir:
                 write_overlay(image, dets, self.args.overlay_dir)
         except Exception as e:  # any error is this image's record; the app goes on with the next one
@@ -144,6 +147,9 @@ class Inspector:
             return error_record(str(image), why, self.provenance)
         ms = (time.perf_counter() - t0) * 1e3
         image_log.info("ok %s: %d defect(s) (%.1f ms)", image.name, len(dets), ms)
-        return ok_record(str(image), dets, self.threshold, self.model.classes, ms, self.provenance)
+        record = ok_record(str(image), dets, self.threshold, self.model.classes, ms, self.provenance)
+        if review is not None and review.wants(found):
+            review.set_aside(image, self.template_path(image), record, [d for d in found if d not in dets])
+        return record
 
 

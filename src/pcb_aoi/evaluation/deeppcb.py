@@ -21,6 +21,15 @@ and every threshold (``Matches``), which makes choosing an operating point a swe
 The line's numbers at a threshold: an **escape** is a defect no detection matched (a defect called
 with the wrong class still stops the board: it is not an escape, but it is not correct either); a
 **false call** is a detection that matched no defect. Numpy only: the edge benchmark uses it too.
+
+Board verdicts (``board_verdicts``): each image is one inspected board, and it **fails** (is stopped
+for the operator) when any detection scores at or above the threshold, as the edge app's ``verdict``.
+From the ground truth: a **defective** board has at least one defect, a **defect-free** board none.
+A board escape is a defective board that passes (nothing stops it: it ships with its defects); a
+board false call is a defect-free board that fails. A defective board stopped only by false calls
+(every defect escaped, something else flagged) is stopped, so not a board escape; it is counted in
+``failed_on_false_calls_only`` with the defect-free boards that fail: the failed boards on which no
+detection at the threshold matched a defect, the operator's wasted looks.
 """
 from __future__ import annotations
 
@@ -159,7 +168,25 @@ def protocol(gt: Annotations, pred: Annotations, score_threshold: float, classes
         found = (m.gt_found_at >= score_threshold) & m.gt_correct
         out["per_class_recall"] = {c: _ratio(found[m.gt_labels == k].sum(), (m.gt_labels == k).sum())
                                    for k, c in enumerate(classes)}
+    out["board_verdicts"] = board_verdicts(m, score_threshold)
     return out
+
+
+def board_verdicts(m: Matches, threshold: float) -> dict:
+    """Pass/fail per image (= one inspected board) at ``threshold``, against the ground truth (see the
+    module doc). Rates are None when their denominator is 0 (a test split without defect-free boards
+    has no board false-call rate: ``failed_on_false_calls_only`` still counts the wasted stops)."""
+    n = len(m.images)
+    submitted = m.scores >= threshold
+    failed = np.bincount(m.image[submitted], minlength=n) > 0  # (I,) the board is stopped
+    true_call = np.bincount(m.image[submitted & m.matched], minlength=n) > 0  # a detection found a defect
+    defective = np.bincount(m.gt_image, minlength=n) > 0
+    escapes, false_calls = int((defective & ~failed).sum()), int((~defective & failed).sum())
+    n_defective = int(defective.sum())
+    return {"boards": n, "defective": n_defective, "defect_free": n - n_defective,
+            "failed": int(failed.sum()), "escapes": escapes, "escape_rate": _ratio(escapes, n_defective),
+            "false_calls": false_calls, "false_call_rate": _ratio(false_calls, n - n_defective),
+            "failed_on_false_calls_only": int((failed & ~true_call).sum())}
 
 
 def operating_point(matches: Matches, max_escape_rate: float) -> tuple[float, dict]:
