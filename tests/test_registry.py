@@ -258,3 +258,20 @@ def test_project_declares_the_shipped_files_with_a_true_contract_and_metrics():
         assert meta["score_threshold"] == bench[file]["score_threshold"], name
         for key, value in meta["metrics"].items():
             assert value == bench[file][key], f"{name}: meta.metrics.{key} {value} != reports/benchmark.json {bench[file][key]}"
+
+
+def test_meta_write_brings_stale_artifact_meta_back_in_line(tmp_path, capsys):
+    """`pcb-aoi-registry meta` fails on a meta that no longer matches the reports; `--write` fixes exactly it."""
+    from pcb_aoi.lifecycle import cli, meta
+
+    for f in ("dvc.yaml", "params.yaml", "reports/benchmark.json"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text((ROOT / f).read_text())
+    assert meta.stale(tmp_path) == [] and cli.main(["meta", "-C", str(tmp_path)]) == 0
+    text = (tmp_path / "dvc.yaml").read_text()
+    ap = meta.expected(tmp_path)["pcb-detector-int8"]["metrics"]["deeppcb_ap"]
+    (tmp_path / "dvc.yaml").write_text(text.replace(f"deeppcb_ap: {ap}", "deeppcb_ap: 0.5", 1))
+    assert meta.stale(tmp_path) == ["pcb-detector"] or meta.stale(tmp_path) == ["pcb-detector-int8"]
+    assert cli.main(["meta", "-C", str(tmp_path)]) == 1 and "meta --write" in capsys.readouterr().err
+    assert cli.main(["meta", "-C", str(tmp_path), "--write"]) == 0 and meta.stale(tmp_path) == []
+    assert (tmp_path / "dvc.yaml").read_text() == text  # the same file back: layout and comments kept

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import registry
+from . import meta, registry
 from .registry import SIDECAR, STAGES, RegistryError, fetch, model_artifacts, promote, register, versions
 
 
@@ -26,11 +26,14 @@ def parser() -> argparse.ArgumentParser:
     for name, help_ in (("register", "tag a commit as a version of the model artifacts"),
                         ("promote", "assign a stage to a registered version"),
                         ("list", "registered versions, their commits and stages"),
-                        ("fetch", "download a version (or a stage's version) with its sidecar")):
+                        ("fetch", "download a version (or a stage's version) with its sidecar"),
+                        ("meta", "check (or --write) the artifacts' meta in dvc.yaml against params.yaml and reports")):
         p = sub.add_parser(name, help=help_)
         if name != "fetch":
             p.add_argument("-C", "--root", default=".", help="the git + DVC repository (default: %(default)s)")
-        if name != "list":
+        if name == "meta":
+            p.add_argument("--write", action="store_true", help="rewrite the stale meta blocks")
+        if name not in ("list", "meta"):
             p.add_argument("--artifact", action="append",
                            help="only this artifact (repeatable; default: every `type: model` artifact in dvc.yaml)")
         if name in ("register", "promote"):
@@ -62,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             rows = promote(a.root, a.version, a.stage, a.artifact, a.push)
         elif a.command == "list":
             rows = table(a.root)
+        elif a.command == "meta":
+            names = meta.write(a.root) if a.write else meta.stale(a.root)
+            if names and not a.write:
+                print(f"error: dvc.yaml: the meta of {', '.join(names)} differs from params.yaml and "
+                      "reports/benchmark.json; run `pcb-aoi-registry meta --write`", file=sys.stderr)
+                return 1
+            rows = [{"artifact": n, "meta": "rewritten"} for n in names]
         else:
             paths = fetch(a.repo, a.out, a.version, a.stage, a.artifact, a.remote)
             rows = [json.loads(Path(str(p) + SIDECAR).read_text()) | {"file": str(p)} for p in paths]
