@@ -251,6 +251,15 @@ def sides(root: Path, base: str, head: str, data: str) -> tuple[Side, Side]:
             Side(root, h, data, WORKSPACE if h is None else f"{head} ({h[:7]})"))
 
 
+def data_section(root: Path, base_rev: str, head_rev: str | None, data: str = "data/clean") -> str:
+    """The diff of two commits' datasets as markdown for ``pcb-aoi-review`` (``head_rev`` None: the
+    workspace), or one line saying why there is none (a revision without the dataset or its DVC data)."""
+    try:
+        return markdown(diff(Side(root, base_rev, data, "base"), Side(root, head_rev, data, "head")))
+    except DiffError as e:
+        return f"_No data comparison: {e}._"
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pcb-aoi-data-diff", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
