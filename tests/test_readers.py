@@ -79,7 +79,7 @@ def test_deeppcb_pair_without_its_template_is_rejected_by_etl_naming_the_expecte
                                    "reason": f"template missing: {missing}"}]
     clean = Dataset.load(tmp_path / "clean")
     assert clean.images.image_id.tolist() == ["00001000"] and clean.boxes.image_id.tolist() == ["00001000"]
-    assert pd.read_parquet(tmp_path / "clean/images.parquet").columns.tolist() == IMAGE_COLUMNS
+    assert pd.read_parquet(tmp_path / "clean/images.parquet").columns.tolist() == IMAGE_COLUMNS + ["content_hash"]
 
 
 def test_deeppcb_list_lines_naming_no_pair_are_reported_and_a_list_naming_none_stops_ingest(tmp_path):
@@ -167,7 +167,7 @@ def test_voc_size_other_than_the_image_rejects_it_or_rescales_its_boxes(tmp_path
                                             "scale": [0.5, 0.5]}]
     clean = Dataset.load(tmp_path / "clean")  # (2, 4, 20, 30) on the 128x96 copy
     assert clean.boxes[["x1", "y1", "x2", "y2"]].values.tolist() == [[1, 2, 10, 15]]
-    assert pd.read_parquet(tmp_path / "clean/images.parquet").columns.tolist() == IMAGE_COLUMNS
+    assert pd.read_parquet(tmp_path / "clean/images.parquet").columns.tolist() == IMAGE_COLUMNS + ["content_hash"]
     _declare_size(root, 64, 48)  # the image's own size: kept as drawn
     assert _etl(tmp_path, read("voc", root, class_map={"mouse_bite": "mousebite"}))["images"] == 1
     _declare_size(root, "64.5", 48)

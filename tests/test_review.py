@@ -105,6 +105,9 @@ def test_review_shows_the_params_change(branch_review):
     assert re.search(r"\|\s*2\s*\|\s*8\s*\|", epochs)
     assert re.search(r"\|\s*0\.3\s*\|\s*0\.1\s*\|", [r for r in params.splitlines() if "evaluate.score_threshold" in r][0])
     assert "train.batch_size" not in params  # only what changed
+    data = md.split("### Data (`pcb-aoi-data-diff`)")[1]  # only train params changed: the same dataset
+    images = TINY["ingest"]["synthetic"]["boards"] * TINY["ingest"]["synthetic"]["images_per_board"]
+    assert f"| images | {images} | {images} | 0 |" in data and "_The dataset did not change._" in data
 
 
 def test_review_deltas_have_the_signs_of_the_metrics(repo, branch_review):
@@ -278,6 +281,7 @@ def test_headline_shows_deeppcb_first_and_older_revisions_as_dashes(metrics_repo
     assert row(r.stdout, "COCO AP@0.33")[1:3] == ["0.98", "0.98"]
     assert row(r.stdout, "open")[1:] == ["6", "0.97", "0.9", "**🔻 -0.0700** ⚠️"]  # DeepPCB's recall, not COCO's
     assert "Gate:" not in r.stdout
+    assert "_No data comparison: base: data/clean/images.parquet not found there" in r.stdout  # metrics only
     r = gated(metrics_repo, tmp_path, "old", "base")
     assert r.returncode == 0, r.stderr
     assert row(r.stdout, "DeepPCB AP")[1:] == ["—", "0.9812", "—"]

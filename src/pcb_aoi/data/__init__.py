@@ -1,5 +1,6 @@
-"""The data stages and the canonical dataset on disk: sources and readers of real datasets, the synthetic
-generator, ingest, etl, split, augment, and the parquet manifests with atomic writes (``dataset``)."""
+"""The data stages and the canonical dataset on disk: sources and readers of real datasets (several at once:
+``combine``), the synthetic generator, ingest, etl, split, augment, the parquet manifests with atomic writes
+(``dataset``), and ``pcb-aoi-data-diff`` (``diff``)."""
 from .._lazy import exports
 
 EXPORTS = {

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..edge.preprocess import read_grey
 from ..pipeline.config import AugmentConfig
-from .dataset import Dataset, atomic_dir, make_boxes_frame, make_images_frame, split_ids
+from .dataset import Dataset, atomic_dir, content_hash, image_file, make_boxes_frame, make_images_frame, split_ids
 
 
 def build(cfg: AugmentConfig, seed: int) -> A.Compose:
@@ -54,6 +54,7 @@ def run(cfg: AugmentConfig, seed: int, src: str | Path, split: str | Path, out: 
             own = ds.boxes_of(img.image_id)
             for col in ("path", "template_path"):  # the originals stay in the training set
                 if getattr(img, col):
+                    (tmp / getattr(img, col)).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(ds.root / getattr(img, col), tmp / getattr(img, col))
             images.append(img._asdict())
             boxes += own.to_dict("records")
@@ -63,10 +64,12 @@ def run(cfg: AugmentConfig, seed: int, src: str | Path, split: str | Path, out: 
             for k in range(cfg.copies):
                 t, tp, bx, labels = apply(tf, test, template, xyxy, own["class_name"].tolist())
                 row = dict(img._asdict(), image_id=f"{img.image_id}_aug{k}", width=t.shape[1], height=t.shape[0])
-                row["path"] = f"images/{row['image_id']}_test.png"
+                if "content_hash" in row:  # the original's pixels, not these
+                    row["content_hash"] = content_hash(t, *([tp] if tp is not None else []))
+                row["path"] = image_file(row["image_id"], "test", ".png")
                 Image.fromarray(t).save(tmp / row["path"])
                 if tp is not None:
-                    row["template_path"] = f"images/{row['image_id']}_temp.png"
+                    row["template_path"] = image_file(row["image_id"], "temp", ".png")
                     Image.fromarray(tp).save(tmp / row["template_path"])
                 images.append(row)
                 boxes += [dict(image_id=row["image_id"], class_name=c, x1=b[0], y1=b[1], x2=b[2], y2=b[3])

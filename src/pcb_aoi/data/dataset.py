@@ -4,7 +4,11 @@ A dataset is a folder holding image files and two parquet manifests:
 
 - ``images.parquet``: one row per image: ``image_id``, ``path`` and ``template_path`` (relative to
   the folder; template empty when the source has none), ``width``, ``height``, ``board_id``,
-  ``source_split`` (empty when the source has none).
+  ``source_split`` (empty when the source has none), ``source`` (the reader, or with several sources
+  (``ingest.sources``) the source's name, which then also prefixes ``image_id`` and ``board_id``:
+  ``deeppcb:00041000`` on board ``deeppcb:00041``; its files lie in ``images/deeppcb/``).
+  A clean dataset (etl's) adds ``content_hash``: sha256 of the decoded pixels of the test image and its
+  template, what ``pcb-aoi-data-diff`` compares to tell a changed picture from a renamed file.
   A raw dataset (ingest's) may add what only etl can check against the pixels: ``expected_template``
   (the source path of a template the reader did not find) and ``declared_width`` / ``declared_height``
   (a VOC ``<size>``, 0 = not given); they are written only by the readers that fill them.
@@ -13,6 +17,7 @@ A dataset is a folder holding image files and two parquet manifests:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -25,10 +30,11 @@ import numpy as np
 import pandas as pd
 
 
-IMAGE_COLUMNS = ["image_id", "path", "template_path", "width", "height", "board_id", "source_split"]
+IMAGE_COLUMNS = ["image_id", "path", "template_path", "width", "height", "board_id", "source_split", "source"]
 BOX_COLUMNS = ["image_id", "class_name", "x1", "y1", "x2", "y2"]
 # raw manifests only, when a reader fills them (see the module docstring): column -> value when absent
 RAW_IMAGE_COLUMNS = {"expected_template": "", "declared_width": 0, "declared_height": 0}
+CLEAN_IMAGE_COLUMNS = {"content_hash": ""}  # clean manifests only (etl writes it)
 
 
 @contextlib.contextmanager
@@ -102,7 +108,7 @@ class Dataset:
     def save(self, root: str | Path) -> None:
         """Write the manifests into ``root`` (image files are the caller's business)."""
         root = Path(root)
-        extra = [c for c in RAW_IMAGE_COLUMNS if c in self.images]
+        extra = [c for c in {**RAW_IMAGE_COLUMNS, **CLEAN_IMAGE_COLUMNS} if c in self.images]
         self.images[IMAGE_COLUMNS + extra].to_parquet(root / "images.parquet", index=False)
         self.boxes[BOX_COLUMNS].to_parquet(root / "boxes.parquet", index=False)
 
@@ -145,13 +151,33 @@ def test_ids(split_dir: str | Path) -> list[str]:
 
 
 def make_images_frame(rows: list[dict]) -> pd.DataFrame:
-    """The images manifest of ``rows``; a ``RAW_IMAGE_COLUMNS`` column only when some row has it."""
-    extra = {c: v for c, v in RAW_IMAGE_COLUMNS.items() if any(c in r for r in rows)}
+    """The images manifest of ``rows``; a ``RAW_IMAGE_COLUMNS`` / ``CLEAN_IMAGE_COLUMNS`` column only when
+    some row has it; ``source`` "" where a row has none (manifests written before it existed)."""
+    extra = {c: v for c, v in {**RAW_IMAGE_COLUMNS, **CLEAN_IMAGE_COLUMNS}.items() if any(c in r for r in rows)}
     df = pd.DataFrame(rows, columns=IMAGE_COLUMNS + list(extra))
+    df["source"] = df["source"].astype(object).fillna("")
     if extra:
         df = df.fillna(extra)
     sizes = [c for c in ("width", "height", "declared_width", "declared_height") if c in df]
     return df.astype({c: "int32" for c in sizes})
+
+
+def image_file(image_id: str, tag: str, suffix: str) -> str:
+    """Path of an image file inside a dataset folder: ``images/<id>_<tag><suffix>``, a namespaced id's
+    source as a sub-folder (``deeppcb:00041000`` -> ``images/deeppcb/00041000_test.png``: no ``:`` in file
+    names, which Windows and some object stores refuse)."""
+    return f"images/{image_id.replace(':', '/')}_{tag}{suffix}"
+
+
+def content_hash(*pixels: np.ndarray) -> str:
+    """sha256 of decoded images (their shapes, dtypes and pixels): the same picture re-encoded (PNG vs
+    BMP, other metadata) hashes the same, any changed pixel does not."""
+    h = hashlib.sha256()
+    for a in pixels:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def make_boxes_frame(rows: list[dict]) -> pd.DataFrame:

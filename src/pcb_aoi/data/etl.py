@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from ..edge.preprocess import read_grey, register_template
 from ..pipeline.config import EtlConfig
-from .dataset import (IMAGE_COLUMNS, REGISTRATION, Dataset, atomic_dir, make_boxes_frame, make_images_frame,
-                      per_class_counts)
+from .dataset import (IMAGE_COLUMNS, REGISTRATION, Dataset, atomic_dir, content_hash, image_file, make_boxes_frame,
+                      make_images_frame, per_class_counts)
 
 
 def box_problem(row, width: int, height: int, classes: tuple[str, ...], min_px: float) -> str | None:
@@ -123,14 +123,19 @@ def run(cfg: EtlConfig, classes: tuple[str, ...], src: str | Path, out: str | Pa
                 continue
             windows = _tiles(cfg, test)
             for x0, y0, w, h in windows:
-                row = {c: getattr(img, c) for c in IMAGE_COLUMNS}  # raw-only columns stay behind
+                # raw-only columns stay behind; a raw manifest older than the source column has none
+                row = {c: getattr(img, c, "") if c == "source" else getattr(img, c) for c in IMAGE_COLUMNS}
                 if len(windows) > 1:
                     row.update(image_id=f"{img.image_id}_x{x0}_y{y0}", width=w, height=h)
-                row["path"] = f"images/{row['image_id']}_test.png"
-                Image.fromarray(test[y0:y0 + h, x0:x0 + w]).save(tmp / row["path"])
+                row["path"] = image_file(row["image_id"], "test", ".png")
+                (tmp / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+                pixels = [test[y0:y0 + h, x0:x0 + w]]
+                Image.fromarray(pixels[0]).save(tmp / row["path"])
                 if template is not None:
-                    row["template_path"] = f"images/{row['image_id']}_temp.png"
-                    Image.fromarray(template[y0:y0 + h, x0:x0 + w]).save(tmp / row["template_path"])
+                    row["template_path"] = image_file(row["image_id"], "temp", ".png")
+                    pixels.append(template[y0:y0 + h, x0:x0 + w])
+                    Image.fromarray(pixels[1]).save(tmp / row["template_path"])
+                row["content_hash"] = content_hash(*pixels)
                 images.append(row)
                 part = cut_boxes(own, x0, y0, w, h, cfg.tile_min_visibility) if len(windows) > 1 else own
                 boxes += part.assign(image_id=row["image_id"]).to_dict("records")

@@ -5,7 +5,8 @@ it): the headline metrics (DeepPCB's own protocol first, then COCO's) and per-cl
 split with every change for the worse in bold, then ``dvc params diff --md`` and ``dvc metrics diff
 --md``. ``dvc plots diff`` is rendered to ``<out>/plots/index.html`` (learning curves, PR curves,
 confusion matrices and the overlay pictures of both revisions side by side), and each fixed-sample
-overlay of the two revisions is put side by side in one PNG under ``<out>/side_by_side/``.
+overlay of the two revisions is put side by side in one PNG under ``<out>/side_by_side/``. A data
+section compares the two revisions' clean datasets (``pcb_aoi.data.diff``, as ``pcb-aoi-data-diff``).
 
     pcb-aoi-review --base main                 # workspace vs main
     pcb-aoi-review --base origin/main --head HEAD --out reports/review
@@ -30,6 +31,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ..data.dataset import atomic_dir
+from ..data.diff import data_section
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
@@ -251,7 +253,7 @@ def side_by_side(left: bytes, right: bytes, left_label: str, right_label: str) -
 
 
 def review(base: str, head: str, out: Path, metrics_path: str, overlays: str,
-           fail_on_drop: float | None = None) -> tuple[str, Gate | None]:
+           fail_on_drop: float | None = None, data: str = "data/clean") -> tuple[str, Gate | None]:
     """Write the review to ``out`` and return (its markdown, the ``--fail-on-drop`` outcome or None)."""
     root = repo_root()
     base_sha = resolve(root, base, "base")
@@ -284,6 +286,7 @@ def review(base: str, head: str, out: Path, metrics_path: str, overlays: str,
             *([verdict.markdown(), ""] if verdict else []), table, "",
             "### Params changed (`dvc params diff`)", "", params or "_No params changed._", "",
             "### All metrics (`dvc metrics diff`)", "", metrics or "_No metric changed._", "",
+            "### Data (`pcb-aoi-data-diff`)", "", data_section(root, base_sha, head_sha, data), "",
             "### Pictures", "",
             f"`dvc plots diff` of both revisions: `{out.name}/plots/index.html` (curves, confusion matrices, and "
             f"overlays: green = found, magenta = missed, red = detection, orange = false alarm). "
@@ -312,6 +315,7 @@ def parser() -> argparse.ArgumentParser:
                     help="folder for review.md, plots/ and side_by_side/ (replaced; default: %(default)s)")
     ap.add_argument("--metrics", default="reports/metrics.json", help="evaluate's metrics file (default: %(default)s)")
     ap.add_argument("--overlays", default="reports/plots/overlays", help="evaluate's overlay folder (default: %(default)s)")
+    ap.add_argument("--data", default="data/clean", help="etl's dataset folder, compared (default: %(default)s)")
     ap.add_argument("--fail-on-drop", type=tolerance, metavar="TOL",
                     help="after writing the review, exit 1 when DeepPCB AP or F-score is lower than the base's, or "
                          "DeepPCB escape rate higher, by more than TOL (e.g. 0.005); exit 2 when a revision has no "
@@ -322,7 +326,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
-        md, verdict = review(args.base, args.head, args.out, args.metrics, args.overlays, args.fail_on_drop)
+        md, verdict = review(args.base, args.head, args.out, args.metrics, args.overlays, args.fail_on_drop,
+                             args.data)
     except ReviewError as e:
         if os.environ.get("PCB_AOI_DEBUG"):
             raise

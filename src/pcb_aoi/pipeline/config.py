@@ -64,16 +64,57 @@ class SynthConfig(Section):
         return v
 
 
+RealSource = Literal["deeppcb", "voc", "yolo", "coco"]
+
+
+class SourceConfig(Section):
+    """One entry of ``ingest.sources``: a real dataset read beside the others into one dataset."""
+
+    source: RealSource  # the reader
+    uri: str = Field(min_length=1)  # a folder, an https:// zip/tar.gz, or azure://container/path
+    name: str = Field("", pattern=r"^([a-z0-9][a-z0-9_.-]*)?$")  # namespace of its ids ("" = the reader's name)
+    sha256: str = ""  # expected checksum of an https archive ("" = not checked)
+    class_map: dict[str, str] = Field(default_factory=dict)  # source class name -> project class
+    board_regex: str = ""  # regex on the image file stem whose group 1 is the board id ("" = per image)
+
+    @property
+    def namespace(self) -> str:
+        """What prefixes its image and board ids: ``deeppcb`` -> ``deeppcb:00041``."""
+        return self.name or self.source
+
+
 class IngestConfig(Section):
     source: Literal["synthetic", "deeppcb", "voc", "yolo", "coco"] = "synthetic"
     uri: str = ""  # where real data lives: a folder, an https:// zip/tar.gz, or azure://container/path
     sha256: str = ""  # expected checksum of an https archive ("" = not checked)
     class_map: dict[str, str] = Field(default_factory=dict)  # source class name -> project class
     board_regex: str = ""  # regex on the image file stem whose group 1 is the board id ("" = per image)
+    # several real sources in one dataset (ids become ``name:id``); () = the single source above
+    sources: tuple[SourceConfig, ...] = _listed(())
+    # the same picture from two sources with different boxes: error (stop, naming both) | first (keep the
+    # labels of the source listed first, report the conflict)
+    label_conflict: Literal["error", "first"] = "error"
     synthetic: SynthConfig = Field(default_factory=SynthConfig)
 
     @model_validator(mode="after")
     def _uri_for_real_data(self) -> IngestConfig:
+        if self.sources:
+            single = {"ingest.source": self.source != "synthetic", "ingest.uri": bool(self.uri),
+                      "ingest.sha256": bool(self.sha256), "ingest.class_map": bool(self.class_map),
+                      "ingest.board_regex": bool(self.board_regex)}
+            set_ = [k for k, v in single.items() if v]
+            if set_:
+                raise ValueError(f"ingest.sources and {', '.join(set_)} are both set: with several sources each "
+                                 f"entry of ingest.sources carries its own source, uri, sha256, class_map and "
+                                 f"board_regex; move {set_[0]} into the entry and reset it ({set_[0]}: "
+                                 f"{'synthetic' if set_[0] == 'ingest.source' else 'its default'})")
+            names = [s.namespace for s in self.sources]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                where = [f"ingest.sources[{i}]" for i, n in enumerate(names) if n == twice[0]]
+                raise ValueError(f"{' and '.join(where)} are both named {twice[0]!r} (the reader's name by "
+                                 "default): give each a distinct `name`, it prefixes the source's image and board ids")
+            return self
         if self.source != "synthetic" and not self.uri:
             raise ValueError(f"ingest.uri: required for ingest.source={self.source} "
                              "(a folder, https:// or azure:// URI)")
@@ -101,7 +142,11 @@ class EtlConfig(Section):
 
 def board_key(board: str) -> str | int:
     """What identifies a board id in params: its number when it is all digits, so that ``41`` (YAML
-    reads an unquoted ``41`` as an int) names DeepPCB's group ``00041``, else the id itself."""
+    reads an unquoted ``41`` as an int) names DeepPCB's group ``00041``, else the id itself; with several
+    sources (``ingest.sources``) ids are ``source:board`` and ``deeppcb:41`` names ``deeppcb:00041``."""
+    source, sep, local = board.rpartition(":")
+    if sep:
+        return f"{source}:{int(local)}" if local.isdigit() else board
     return int(board) if board.isdigit() else board
 
 
@@ -256,9 +301,12 @@ class Params(Section):
         unknown = sorted(set(self.ingest.synthetic.class_mix) - set(self.classes))
         if unknown:
             raise ValueError(f"ingest.synthetic.class_mix: unknown class(es) {unknown}; known: {list(self.classes)}")
-        bad = sorted(set(self.ingest.class_map.values()) - set(self.classes))
-        if bad:
-            raise ValueError(f"ingest.class_map: maps to unknown class(es) {bad}; known: {list(self.classes)}")
+        maps = {"ingest.class_map": self.ingest.class_map} | {
+            f"ingest.sources[{i}].class_map": s.class_map for i, s in enumerate(self.ingest.sources)}
+        for key, class_map in maps.items():
+            bad = sorted(set(class_map.values()) - set(self.classes))
+            if bad:
+                raise ValueError(f"{key}: maps to unknown class(es) {bad}; known: {list(self.classes)}")
         return self
 
 
