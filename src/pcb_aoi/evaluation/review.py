@@ -41,6 +41,8 @@ WORKSPACE = "workspace"
 HEADLINE = [("deeppcb.ap", "DeepPCB AP", +1), ("deeppcb.fscore", "DeepPCB F-score", +1),
             ("deeppcb.escape_rate", "DeepPCB escape rate", -1),
             ("deeppcb.false_calls_per_image", "DeepPCB false calls / image", -1),
+            ("deeppcb.board_verdicts.escape_rate", "boards escaped (defective, passed)", -1),
+            ("deeppcb.board_verdicts.false_call_rate", "boards falsely failed (defect-free, failed)", -1),
             ("map50", "COCO AP@0.5", +1), ("map33", "COCO AP@0.33", +1), ("map", "COCO AP@[.5:.95]", +1),
             ("escape_rate", "escape rate (IoU 0.5)", -1)]
 GATED = HEADLINE[:3]  # what --fail-on-drop compares: DeepPCB AP, F-score, escape rate
