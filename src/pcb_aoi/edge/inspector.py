@@ -144,6 +144,7 @@ class Inspector:
             return error_record(str(image), why, self.provenance)
         ms = (time.perf_counter() - t0) * 1e3
         image_log.info("ok %s: %d defect(s) (%.1f ms)", image.name, len(dets), ms)
-        return ok_record(str(image), dets, self.threshold, self.model.classes, ms, self.provenance)
+        return ok_record(str(image), dets, self.threshold, self.model.classes, ms, self.provenance,
+                         getattr(dets, "gate", None))
 
 
