@@ -110,6 +110,12 @@ def test_run_reports_every_file_with_a_measured_stream(exported, tmp_path):
         assert {"file", "format", "provider", "fps", "stream_pairs", "wall_s", "ms_p50", "ms_p95", "ms_p99",
                 "deeppcb_ap", "deeppcb_fscore", "map50", "size_mb"} <= set(v)
         assert v["stream_pairs"] == 7 and v["fps"] * v["wall_s"] == pytest.approx(7, rel=0.01)
-        assert v["format"] == "fp32" and v["deeppcb_ap"] == variants[0]["deeppcb_ap"]
+        assert v["format"] == "fp32"
+        if v.get("gate", "none") == "none":  # dense: the same detections everywhere
+            assert v["deeppcb_ap"] == variants[0]["deeppcb_ap"]
+    # the FP32 raw file difference-gated beside the dense ones, last; the e2e file only dense
+    assert {v["file"] for v in variants if v.get("gate") == "tiles"} == {"model.onnx"} and variants[-1]["gate"] == "tiles"
+    assert report["gate_shipped"] == {"model.onnx": "none", "model.e2e.onnx": "none"}
     rows = (tmp_path / "plots/latency_map.csv").read_text().splitlines()
     assert rows[0] == "variant,ms_p50,fps,map50,deeppcb_ap" and rows[3].startswith("model.e2e.onnx@")
+    assert rows[4].startswith("model.onnx+tiles@")

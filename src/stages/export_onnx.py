@@ -1,7 +1,8 @@
 """DVC stage `export_onnx`: export the checkpoint to ONNX twice (raw maps, and end to end with decoding
 and NMS in the graph), both with dynamic batch and the preprocessing contract as metadata; run
 onnx.checker, and fail unless ONNX Runtime matches PyTorch on held-out test images (raw outputs within
-`export.parity_atol`, same detections). The default score threshold stored in the metadata is
+`export.parity_atol`, same detections). The difference gate (`gate`) is decided on validation and
+written into both contracts. The default score threshold stored in the metadata is
 the operating point the evaluate stage chose (`--operating-point`, reports/operating_point.json); the
 provenance in the metadata carries evaluate's headline test metrics (`--metrics`, reports/metrics.json)."""
 import argparse
@@ -12,7 +13,7 @@ from pathlib import Path
 # in a copy of the repo, and must run the copy's code (the code its dvc.lock records).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pcb_aoi.data.dataset import read_json, test_ids
+from pcb_aoi.data.dataset import read_json, split_ids, test_ids
 from pcb_aoi.deploy import export
 from pcb_aoi.pipeline.cli import run_stage
 
@@ -26,6 +27,9 @@ if __name__ == "__main__":
     ap.add_argument("--operating-point", required=True,
                     help="operating_point.json written by evaluate: its score_threshold is the models' default")
     ap.add_argument("--metrics", help="metrics.json written by evaluate: headline test metrics for the provenance")
+    # the difference gate is decided on validation (test only without a val split, as the INT8 gate)
+    gate_ids = lambda a: ("val", split_ids(a.split, "val")) if split_ids(a.split, "val") else ("test", test_ids(a.split))  # noqa: E731
     run_stage(ap, lambda p, a: export.run(p.export, a.model, a.clean, test_ids(a.split), a.out, a.out_e2e,
                                           read_json(a.operating_point, "score_threshold"),
-                                          read_json(a.metrics, None) if a.metrics else None))
+                                          evaluate=read_json(a.metrics, None) if a.metrics else None,
+                                          gate=p.gate, gate_ids=gate_ids(a)))

@@ -19,4 +19,4 @@ if __name__ == "__main__":
     ap.add_argument("--clean", required=True, help="clean dataset folder (test images for the accuracy gate)")
     ap.add_argument("--split", required=True, help="folder holding split.parquet")
     ap.add_argument("--out", required=True, help="INT8 ONNX file to write")
-    run_stage(ap, lambda p, a: quantize.run(p.quantize, a.onnx, a.train, a.clean, a.split, a.out))
+    run_stage(ap, lambda p, a: quantize.run(p.quantize, a.onnx, a.train, a.clean, a.split, a.out, p.gate))

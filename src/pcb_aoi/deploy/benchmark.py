@@ -9,7 +9,9 @@ pairs). Per variant: latency per pair one at a time (warm-up excluded) p50/p95/p
 wall time over a stream of ``benchmark.stream_pairs`` pairs with the app's read-ahead (the next pair
 decoded while the model runs; the test pairs cycled); file size; DeepPCB's protocol (AP, F-score at the
 contract's threshold, ``evaluation.deeppcb``) and COCO mAP@0.5 / mAP on the test split from that
-runtime's own detections. Execution providers: every one of CPU, OpenVINO, CUDA and TensorRT that the
+runtime's own detections. The FP32 and INT8 files run twice, dense (``gate: none``) and difference-gated
+(``gate: tiles``, ``edge.gate``: the network on tiles around what differs from the template), so the
+gate's speed and accuracy stand beside the dense ones. Execution providers: every one of CPU, OpenVINO, CUDA and TensorRT that the
 installed onnxruntime offers. Plus compute sizing for choosing a training machine: parameters, GFLOPs
 per image, forward+backward memory at the training batch, seconds per training epoch, dataset size.
 """
@@ -128,6 +130,8 @@ def _run(cfg: BenchmarkConfig, inputs: Inputs, out: str | Path, threads: int, tr
         "fps_measured_as": "pairs / wall time of the edge app's read-ahead loop (edge.inspector.Inspector.process_all) "
                            "over stream_pairs pairs, the test pairs cycled; ms_p50/p95/p99: one pair at a time",
         "variants": variants,
+        # the difference gate each file's contract ships (decided on validation by export_onnx / quantize)
+        "gate_shipped": {Path(p).name: EdgeModel(p).gate["mode"] for p in (inputs.onnx, inputs.e2e, inputs.int8) if p},
         # Latency ratios, one pair at a time (the stream's fps ratios are in the variants).
         "ort_vs_torch_speedup": round(by[Path(inputs.model).name, "torch-cpu"]["ms_p50"] / by[onnx, cpu]["ms_p50"], 3),
     }
@@ -141,7 +145,7 @@ def _run(cfg: BenchmarkConfig, inputs: Inputs, out: str | Path, threads: int, tr
     if plots_dir:
         with atomic_dir(plots_dir) as tmp:  # latency vs accuracy, one point per variant
             lines = ["variant,ms_p50,fps,map50,deeppcb_ap"] + [
-                f"{v['file']}@{v['provider']},{v['ms_p50']},{v['fps']},{v['map50']},{v['deeppcb_ap']}" for v in variants]
+                f"{v['file']}{'+tiles' if v.get('gate') == 'tiles' else ''}@{v['provider']},{v['ms_p50']},{v['fps']},{v['map50']},{v['deeppcb_ap']}" for v in variants]
             (tmp / "latency_map.csv").write_text("\n".join(lines) + "\n")
     write_json(out, report)
     return report
@@ -171,16 +175,20 @@ def measure_variants(cfg: BenchmarkConfig, inputs: Inputs, model: torch.nn.Modul
     threshold = EdgeModel(inputs.onnx).contract["score_threshold"]  # the operating point export wrote
     runs = [({"runtime": "pytorch-eager", "format": "fp32", "provider": "torch-cpu", "decode": "torch"},
              inputs.model, lambda: measure.TorchModel(torch_runner(model), ckpt, threshold))]
-    for key in providers:
-        for path in (p for p in (inputs.onnx, inputs.e2e, inputs.int8) if p):
-            runs.append(({"runtime": "onnxruntime", "provider": PROVIDERS[key]}, path,
-                         lambda k=key, p=path: EdgeModel(p, threads, k, spin=False)))  # as the app runs it
+    # Every file dense, then the FP32 and INT8 files difference-gated (edge.gate) beside them, whatever their
+    # contract ships (the "gate" of each file's contract is in the report's gate_shipped).
+    gated = [p for p in (inputs.onnx, inputs.int8) if p] if ckpt["input_spec"]["use_template"] else []
+    for mode, paths in (("none", (inputs.onnx, inputs.e2e, inputs.int8)), ("tiles", gated)):
+        for key in providers:
+            for path in (p for p in paths if p):
+                runs.append(({"runtime": "onnxruntime", "provider": PROVIDERS[key]}, path,
+                             lambda k=key, p=path, g=mode: EdgeModel(p, threads, k, spin=False, gate=g)))  # as the app
     variants = []
     for row, path, make in runs:
         m, thr = make(), threshold
         if isinstance(m, EdgeModel):
             row = {"runtime": "onnxruntime", "format": m.precision, "provider": row["provider"],
-                   "decode": "in-graph" if m.end_to_end else "numpy"}
+                   "decode": "in-graph" if m.end_to_end else "numpy", "gate": m.gate["mode"]}
             thr = m.contract["score_threshold"]
         timing = {**measure.latency(m, pairs, cfg.warmup, cfg.runs), **measure.stream(m, pairs, cfg.stream_pairs)}
         metrics = score(m, pairs, gt, classes, thr)

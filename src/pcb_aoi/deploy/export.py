@@ -25,8 +25,8 @@ from ..edge.runtime import ort_session
 from ..model import checkpoint
 from ..model.inference import decode, load_pair
 from ..pipeline import provenance
-from ..pipeline.config import ExportConfig
-from . import e2e
+from ..pipeline.config import ExportConfig, GateConfig
+from . import e2e, gating
 
 PARITY_MIN_SCORE = 0.05
 BOX_TOLERANCE_PX = 0.5
@@ -157,9 +157,12 @@ def parity_e2e(model: torch.nn.Module, sess: ort.InferenceSession, x: np.ndarray
 
 def run(cfg: ExportConfig, model_path: str | Path, clean_dir: str | Path, image_ids: list[str],
         onnx_out: str | Path, e2e_out: str | Path | None = None, score_threshold: float = 0.3,
-        evaluate: dict | None = None) -> dict:
-    """Export the checkpoint ``model_path``; ``evaluate``: the evaluate stage's metrics (reports/metrics.json)
-    for the models' provenance, None: their test metrics are unknown."""
+        evaluate: dict | None = None, gate: GateConfig | None = None,
+        gate_ids: tuple[str, list[str]] | None = None) -> dict:
+    """Export the checkpoint ``model_path``, check parity, and (``gate``, on ``gate_ids`` = (split name,
+    image ids)) decide the difference gate of the FP32 files (``gating.decide``: the raw model's detections,
+    which the end-to-end one matches). ``evaluate``: the evaluate stage's metrics (reports/metrics.json) for
+    the models' provenance, None: their test metrics are unknown."""
     model, ckpt = checkpoint.load(model_path)
     use_template = ckpt["input_spec"]["use_template"]
     ds = Dataset.load(clean_dir)
@@ -168,10 +171,17 @@ def run(cfg: ExportConfig, model_path: str | Path, clean_dir: str | Path, image_
     with atomic_file(onnx_out) as tmp:
         export(model, ckpt, example, tmp, cfg.opset, score_threshold=score_threshold, evaluate=evaluate)
         report = parity(model, ort_session(tmp), x, cfg.parity_atol)
+        block = None
+        if gate is not None and gate_ids is not None:
+            block = gating.decide(gate, tmp, ds, gate_ids[1], gate_ids[0])
+            gating.write_gate(tmp, block)
+            report["gate"] = block
         if e2e_out:  # both files are replaced only when both gates pass
             with atomic_file(e2e_out) as tmp_e2e:
                 export(model, ckpt, example, tmp_e2e, cfg.opset, end_to_end=True, score_threshold=score_threshold,
                        evaluate=evaluate)
+                if block is not None:
+                    gating.write_gate(tmp_e2e, block)
                 report["end_to_end"] = parity_e2e(model, ort_session(tmp_e2e), x, cfg.parity_atol)
                 report["end_to_end"]["size_mb"] = round(tmp_e2e.stat().st_size / 2**20, 3)
     report["size_mb"] = round(Path(onnx_out).stat().st_size / 2**20, 3)

@@ -35,7 +35,8 @@ from ..edge.int8 import FORMATS, INT16_MAX, UINT8_MAX, Int8Format, verdict
 from ..edge.runtime import ort_runner, ort_session
 from ..evaluation.evaluate import score
 from ..model.inference import load_pair, prepare_input
-from ..pipeline.config import QuantizeConfig
+from ..pipeline.config import GateConfig, QuantizeConfig
+from . import gating
 
 
 class AccuracyGateError(RuntimeError):
@@ -166,7 +167,9 @@ def record_gate(path: Path, metrics: dict) -> None:
 
 
 def run(cfg: QuantizeConfig, fp32_path: str | Path, train_dir: str | Path, clean_dir: str | Path,
-        split_dir: str | Path, out: str | Path) -> dict:
+        split_dir: str | Path, out: str | Path, gate: GateConfig | None = None) -> dict:
+    """Quantize, gate on accuracy, and (``gate``) decide the INT8 file's difference gate on the same split
+    (``gating.decide``; the FP32 file's decision would not do: INT8 scores differ)."""
     fp32_path = Path(fp32_path)
     if not fp32_path.is_file():
         raise FileNotFoundError(f"{fp32_path}: ONNX model not found; run the export_onnx stage first")
@@ -196,8 +199,12 @@ def run(cfg: QuantizeConfig, fp32_path: str | Path, train_dir: str | Path, clean
                 f"of {drop:.4f} > quantize.max_map50_drop {cfg.max_map50_drop}; {fix}. Measured on {machine.cpu()}. "
                 f"Kept the previous {out}")
         record_gate(tmp, {"int8_gate_split": gate_split, "int8_map50": int8_m["map50"], "fp32_map50": fp32_m["map50"]})
+        gate_block = None
+        if gate is not None:
+            gate_block = gating.decide(gate, tmp, ds, ids, gate_split)
+            gating.write_gate(tmp, gate_block)
         size = tmp.stat().st_size
-    return {"calibration_images": len(inputs), "gate_split": gate_split, "gate_images": len(ids),
+    return {"gate": gate_block, "calibration_images": len(inputs), "gate_split": gate_split, "gate_images": len(ids),
             "fp32_map50": fp32_m["map50"], "int8_map50": int8_m["map50"], "map50_drop": drop, "max_map50_drop": cfg.max_map50_drop,
             "fp32_map": fp32_m["map"], "int8_map": int8_m["map"], "nodes_kept_float": len(keep),
             "size_mb": round(size / 2**20, 3), "fp32_size_mb": round(fp32_path.stat().st_size / 2**20, 3),

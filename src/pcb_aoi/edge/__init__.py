@@ -7,7 +7,7 @@ EXPORTS = {
     "CONTRACT_KEY": "contract", "CONTRACT_FORMAT": "contract", "INPUT": "contract", "OUTPUTS": "contract",
     "E2E_OUTPUTS": "contract", "TOP_K": "contract", "NMS_IOU": "contract", "MIN_SCORE": "contract",
     "PROVIDERS": "contract", "PROVIDER_OPTIONS": "contract",
-    "EdgeModel": "runtime", "EdgeError": "runtime", "Detection": "runtime", "decode": "runtime",
+    "EdgeModel": "runtime", "EdgeError": "runtime", "Detection": "runtime", "Detections": "runtime", "decode": "runtime",
     "read_grey": "runtime", "read_pair": "runtime", "ort_session": "runtime", "load_model": "runtime",
     "detect": "runtime",
     "register_template": "preprocess", "PAD_MULTIPLE": "preprocess", "PAD_VALUES": "preprocess",

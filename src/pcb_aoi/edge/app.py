@@ -127,6 +127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--spin", default="off", choices=["on", "off"], help="ONNX Runtime threads busy-wait between "
                     "images (on, ONNX Runtime's default) or sleep (off, this app's default: leaves the cores to "
                     "the file decoding and read-ahead threads)")
+    ap.add_argument("--gate", choices=["none", "tiles"], help="difference gate: run the network only on tiles "
+                    "around the places where the image differs from its template (tiles) or on the whole image "
+                    "(none); default: the model's setting, decided on validation when it was exported")
     args = ap.parse_args(argv)
     if args.template and args.template_dir:
         ap.error("give --template or --template-dir, not both")
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.quiet)
     try:
-        model = EdgeModel(args.model, threads=args.threads, provider=args.provider, spin=args.spin == "on")
+        model = EdgeModel(args.model, threads=args.threads, provider=args.provider, spin=args.spin == "on",
+                            gate=args.gate)
         if args.info:
             print(json.dumps(model.info(), indent=1))
             return 0

@@ -147,7 +147,8 @@ class Inspector:
             return error_record(str(image), why, self.provenance)
         ms = (time.perf_counter() - t0) * 1e3
         image_log.info("ok %s: %d defect(s) (%.1f ms)", image.name, len(dets), ms)
-        record = ok_record(str(image), dets, self.threshold, self.model.classes, ms, self.provenance)
+        record = ok_record(str(image), dets, self.threshold, self.model.classes, ms, self.provenance,
+                           getattr(found, "gate", None))
         if review is not None and review.wants(found):
             review.set_aside(image, self.template_path(image), record, [d for d in found if d not in dets])
         return record

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import gate as _gate
 from . import int8, machine
 from .contract import (CONTRACT_FORMAT, CONTRACT_KEY, INPUT, NMS_IOU, OUTPUTS, PROVIDER_OPTIONS, PROVIDERS,
                        TOP_K)
@@ -148,6 +149,13 @@ def ort_runner(sess: ort.InferenceSession):
     return lambda x: tuple(sess.run(OUTPUTS, {INPUT: x}))
 
 
+class Detections(list):
+    """``EdgeModel.detect``'s detections (a list, decreasing score) and ``gate``: how the pair was run
+    (``gate.Plan.record``: tiles, or dense and why; None for a model without the gate)."""
+
+    gate: dict | None = None
+
+
 @dataclass
 class Detection:
     cls: str
@@ -161,8 +169,10 @@ class Detection:
 class EdgeModel:
     """An exported pcb-aoi ONNX model and its contract; ``detect`` takes grey uint8 arrays."""
 
-    def __init__(self, path: str | Path, threads: int = 0, provider: str = "cpu", spin: bool = False):
-        """``spin``: ONNX Runtime's threads busy-wait between runs (its default). Off here: the sleeping
+    def __init__(self, path: str | Path, threads: int = 0, provider: str = "cpu", spin: bool = False,
+                 gate: str | None = None):
+        """``gate``: ``none`` | ``tiles`` overrides the contract's gate (``edge.gate``; None = the model's).
+        ``spin``: ONNX Runtime's threads busy-wait between runs (its default). Off here: the sleeping
         threads leave the cores to the file decoding and read-ahead threads (measured 4 % more FPS one
         by one and in stream mode on 2 cores, INT8, CPU provider)."""
         path = Path(path)
@@ -192,6 +202,14 @@ class EdgeModel:
         self.input_name = self.session.get_inputs()[0].name
         # Models quantized before the contract recorded a precision carry only the "quantization" key.
         self.precision = self.contract.get("precision", "int8" if "quantization" in meta else "fp32")
+        if gate is not None and gate not in _gate.MODES:
+            raise EdgeError(f"gate {gate!r}: must be one of {', '.join(_gate.MODES)}")
+        if gate == "tiles" and not self.needs_template:
+            raise EdgeError(f"{path}: --gate tiles needs a model that compares each image with its template; this "
+                            "model reads single images (needs_template: false), so there is no difference to gate on")
+        self.gate = _gate.settings(self.contract, gate)
+        if not self.needs_template:
+            self.gate["mode"] = "none"
 
     def cpu_verdict(self, cpu: machine.Cpu | None = None) -> tuple[str, str]:
         """Does this model compute on ``cpu`` (default: this one) what its accuracy gate measured?
@@ -210,7 +228,7 @@ class EdgeModel:
         c, prov = self.contract, self.provenance()
         return {"model": str(self.path), "precision": self.precision, "int8": c.get("int8"),
                 "classes": self.classes, "needs_template": self.needs_template, "outputs": c["outputs"],
-                "register_max_px": self.register_px, "score_threshold": c["score_threshold"],
+                "register_max_px": self.register_px, "gate": self.gate, "score_threshold": c["score_threshold"],
                 "model_config": c.get("model_config"), "cpu": cpu.describe(), "on_this_cpu": status, "why": why,
                 "providers": self.session.get_providers(), "version": prov["version"],  # registered (pcb-aoi-registry fetch) or "unregistered"
                 "provenance": UNKNOWN_PROVENANCE | {"score_threshold": c["score_threshold"]} | prov}
@@ -250,21 +268,46 @@ class EdgeModel:
                                 f"{test.shape[1]}x{test.shape[0]} px; they must be the same size")
         if not registered:  # a model trained on registered pairs: register this one too
             template = self.register(test, template)
-        x = prepare_input(test, template, self.contract)[None]
-        outputs = self.session.run(None, {self.input_name: x})
-        if self.end_to_end:
-            boxes, scores, labels = outputs[0], outputs[1], outputs[2]
-            keep = (outputs[3] == 0) & (scores > thr)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        x = prepare_input(test, template, self.contract)
+        plan = _gate.plan(test, template, self.gate, self.contract["pad_multiple"]) \
+            if self.gate["mode"] == "tiles" else None
+        if plan is None or plan.tiles is None:
+            boxes, scores, labels = self._run(x[None], thr)[0]
         else:
-            d = self.contract["decode"]
-            det = decode(outputs[0], outputs[1], thr, d["top_k"], d["nms_iou"])[0]
-            boxes, scores, labels = det["boxes"], det["scores"], det["labels"]
+            boxes, scores, labels = self._run_tiles(x, plan.tiles, thr)
         h, w = test.shape
         boxes = boxes.astype(np.float32).copy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-        return [Detection(self.classes[int(c)], float(s), [float(v) for v in b]) for b, s, c in zip(boxes, scores, labels)]
+        out = Detections(Detection(self.classes[int(c)], float(s), [float(v) for v in b])
+                         for b, s, c in zip(boxes, scores, labels))
+        out.gate = None if plan is None else plan.record()
+        return out
+
+    def _run(self, x: np.ndarray, thr: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(B, C, H, W) input -> per image (boxes (N, 4) input px, scores (N,), labels (N,)), score above ``thr``."""
+        outputs = self.session.run(None, {self.input_name: x})
+        if self.end_to_end:
+            boxes, scores, labels, batch = outputs[0], outputs[1], outputs[2], outputs[3]
+            keep = [(batch == i) & (scores > thr) for i in range(len(x))]
+            return [(boxes[k], scores[k], labels[k]) for k in keep]
+        d = self.contract["decode"]
+        return [(det["boxes"], det["scores"], det["labels"])
+                for det in decode(outputs[0], outputs[1], thr, d["top_k"], d["nms_iou"])]
+
+    def _run_tiles(self, x: np.ndarray, tiles: list, thr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The network on ``tiles`` of the padded input ``x`` (one run per tile size), boxes moved to image
+        px and merged across tiles by the decoding's per-class NMS (a defect cut by two tiles is one), top-k."""
+        boxes, scores, labels = [np.zeros((0, 4), np.float32)], [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
+        for group, batch in _gate.cut(x, tiles).values():
+            for t, (b, s, c) in zip(group, self._run(batch, thr)):
+                boxes.append(b.reshape(-1, 4) + np.float32([t.x0, t.y0, t.x0, t.y0]))
+                scores.append(s)
+                labels.append(c)
+        b, s, c = np.concatenate(boxes).astype(np.float32), np.concatenate(scores), np.concatenate(labels).astype(np.int64)
+        d = self.contract["decode"]
+        kept = _nms(b, s, c, d["nms_iou"])[: d["top_k"]]
+        return b[kept], s[kept], c[kept]
 
 
 def load_model(path: str | Path, **kw) -> EdgeModel:

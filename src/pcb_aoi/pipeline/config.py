@@ -283,6 +283,18 @@ class BenchmarkConfig(Section):
     threads: int = Field(0, ge=0)  # 0 = all cores
 
 
+class GateConfig(Section):
+    # none | tiles: run the network only around the places where a test image differs from its template
+    # (pcb_aoi.edge.gate), when validation DeepPCB AP drops at most max_ap_drop; decided per model file by the
+    # stage that writes it (export_onnx: FP32 files, quantize: INT8) and written into its contract
+    mode: Literal["none", "tiles"] = "tiles"
+    max_ap_drop: Probability = 0.003  # DeepPCB AP (0..1) gated may lose against dense on validation
+    diff_threshold: int = Field(64, ge=0, le=254)  # grey levels a pixel must differ by
+    min_size_px: int = Field(3, ge=1, le=16)  # a change counts where a square this wide differs entirely
+    margin_px: int = Field(32, ge=0, le=256)  # context around a changed region (the network's receptive field)
+    max_fraction: Probability = 0.5  # tiles covering more of the image than this: the pair runs dense
+
+
 class Params(Section):
     seed: int = 0
     classes: tuple[StrictStr, ...] = _listed(CLASSES)
@@ -295,6 +307,7 @@ class Params(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")
     def _known_classes(self) -> Params:

@@ -1,0 +1,195 @@
+"""Difference-gated inference (``pcb_aoi.edge.gate``) against dense, on DeepPCB-style pairs, in one run:
+
+- per margin in ``--margins``: the fraction of the image the network runs on, pairs that fall back to
+  dense, and how many dense detections the gated run reproduces (same class, IoU >= 0.9, score within
+  0.05): the receptive field shows as detections near a tile border that differ from dense;
+- DeepPCB AP (``evaluation.deeppcb``, ``X_not/X.txt`` labels) dense and gated when the pairs have labels;
+- stream FPS (pairs / wall time through the app's read-ahead loop, ``edge.inspector.Inspector``) dense and
+  gated, side by side, alternating rounds so both see the same machine load;
+- where the time of a pair goes, ms p50 per stage: file decode, registration, difference + plan, network
+  (ONNX Runtime), decoding + NMS.
+
+    python benchmarks/gate.py --models /path/model.int8.onnx /path/model.onnx \\
+        --pairs /data/deeppcb-trainval/PCBData --limit 200 --margins 16 32 48 64 --out gate.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pcb_aoi.edge import gate, machine
+from pcb_aoi.edge.inspector import Inspector
+from pcb_aoi.edge.preprocess import read_pair
+from pcb_aoi.edge.runtime import EdgeModel, decode, prepare_input
+from pcb_aoi.evaluation.deeppcb import iou, protocol
+
+CLASSES = ["open", "short", "mousebite", "spur", "copper", "pin-hole"]
+
+
+def find_pairs(folder: Path, limit: int) -> list[tuple[Path, Path, Path | None]]:
+    """(test, template, DeepPCB label file or None), every len/limit-th pair of the sorted list."""
+    out = []
+    for test in sorted(folder.rglob("*_test.*")):
+        temp = next(iter(sorted(test.parent.glob(test.stem.removesuffix("_test") + "_temp.*"))), None)
+        label = test.parent.with_name(test.parent.name + "_not") / (test.stem.removesuffix("_test") + ".txt")
+        if temp is not None:
+            out.append((test, temp, label if label.is_file() else None))
+    step = max(len(out) // limit, 1) if limit else 1
+    return out[::step][:limit or None]
+
+
+def labels(path: Path) -> dict:
+    rows = np.loadtxt(path, ndmin=2).reshape(-1, 5)
+    return {"boxes": rows[:, :4].astype(np.float32), "labels": rows[:, 4].astype(np.int64) - 1}
+
+
+def as_arrays(dets) -> dict:
+    return {"boxes": np.asarray([d.box for d in dets], np.float32).reshape(-1, 4),
+            "scores": np.asarray([d.score for d in dets], np.float32),
+            "labels": np.asarray([CLASSES.index(d.cls) for d in dets], np.int64)}
+
+
+def inside(boxes: np.ndarray, tiles: list | None) -> np.ndarray:
+    """(N,) bool: the box lies wholly inside one of the tiles (all of them when the pair ran dense)."""
+    if tiles is None:
+        return np.ones(len(boxes), bool)
+    ok = np.zeros(len(boxes), bool)
+    for t in tiles:
+        ok |= (boxes[:, 0] >= t.x0) & (boxes[:, 1] >= t.y0) & (boxes[:, 2] <= t.x1) & (boxes[:, 3] <= t.y1)
+    return ok
+
+
+def agreement(dense: dict, gated: dict) -> int:
+    """Dense detections the gated run reproduces: same class, IoU >= 0.9, score within 0.05."""
+    if not len(dense["boxes"]) or not len(gated["boxes"]):
+        return 0
+    m = iou(dense["boxes"], gated["boxes"])
+    ok = (m >= 0.9) & (dense["labels"][:, None] == gated["labels"][None]) & \
+        (np.abs(dense["scores"][:, None] - gated["scores"][None]) <= 0.05)
+    return int(ok.any(1).sum())
+
+
+class Timed:
+    """An ONNX Runtime session whose ``run`` calls are timed (the network's share of a pair)."""
+
+    def __init__(self, sess):
+        self.sess, self.s = sess, 0.0
+
+    def run(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return self.sess.run(*a, **k)
+        finally:
+            self.s += time.perf_counter() - t0
+
+
+def profile(m: EdgeModel, pairs, thr: float) -> dict:
+    """ms p50 per stage of one pair (one at a time): decode files, register, diff + plan, network, decoding."""
+    timed, raw_sess = Timed(m.session), m.session
+    m.session = timed
+    rows = []
+    try:
+        for test_path, temp_path, _ in pairs:
+            t0 = time.perf_counter()
+            test, template = read_pair(test_path, temp_path)
+            t1 = time.perf_counter()
+            template = m.register(test, template)
+            t2 = time.perf_counter()
+            if m.gate["mode"] == "tiles":
+                gate.plan(test, template, m.gate, m.contract["pad_multiple"])
+            t3 = time.perf_counter()
+            timed.s = 0.0
+            m.detect(test, template, thr, registered=True)  # plans again: its time is t3 - t2, subtracted
+            t4 = time.perf_counter()
+            rest = (t4 - t3) - timed.s - (t3 - t2)
+            rows.append([t1 - t0, t2 - t1, t3 - t2, timed.s, rest, t4 - t0 - (t3 - t2)])
+    finally:
+        m.session = raw_sess
+    ms = np.median(np.asarray(rows) * 1e3, axis=0)
+    return dict(zip(["file_decode", "register", "diff_plan", "network", "prepare_decode_nms", "total"],
+                    [round(float(v), 2) for v in ms]))
+
+
+def stream_fps(m: EdgeModel, pairs, n: int) -> float:
+    args = argparse.Namespace(template=None, template_dir=None, score=None, overlay_dir=None)
+    tests = [pairs[i % len(pairs)][0] for i in range(n)]
+    t0 = time.perf_counter()
+    done = sum(r["status"] == "ok" for r in Inspector(m, args).process_all(tests))
+    return done / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", type=Path, required=True)
+    ap.add_argument("--pairs", type=Path, required=True, help="folder of X_test.* / X_temp.* pairs (DeepPCB's PCBData)")
+    ap.add_argument("--limit", type=int, default=200, help="pairs, spread over the sorted list")
+    ap.add_argument("--margins", nargs="+", type=int, default=[16, 32, 48, 64])
+    ap.add_argument("--stream-pairs", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating dense / gated stream rounds")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    pairs = find_pairs(a.pairs, a.limit)
+    if not pairs:
+        raise SystemExit(f"{a.pairs}: no X_test.* / X_temp.* image pairs")
+    gt = {str(t): labels(lab) for t, _, lab in pairs if lab is not None}
+    report = {"machine": machine.describe(), "cpu_count": os.cpu_count(), "pairs": len(pairs),
+              "image_size": list(read_pair(*pairs[0][:2])[0].shape[::-1]), "models": {}}
+    for path in a.models:
+        dense, gated = EdgeModel(path, threads=a.threads, gate="none"), EdgeModel(path, threads=a.threads, gate="tiles")
+        thr = dense.contract["score_threshold"]
+        res = {"score_threshold": thr, "gate_settings": dict(gated.gate), "margins": {}}
+        inputs = []
+        for test_path, temp_path, _ in pairs:
+            test, template = read_pair(test_path, temp_path)
+            inputs.append((str(test_path), test, dense.register(test, template)))
+        d_dets = {k: as_arrays(dense.detect(t, tp, 0.01, registered=True)) for k, t, tp in inputs}
+        if gt:
+            res["dense_deeppcb_ap"] = protocol(gt, d_dets, thr)["ap"]
+        for margin in a.margins:
+            gated.gate["margin_px"] = margin
+            g_dets, run, fallback, same, n_in, n_dense = {}, [], 0, 0, 0, 0
+            for k, t, tp in inputs:
+                dets = gated.detect(t, tp, 0.01, registered=True)
+                g_dets[k] = as_arrays(dets)
+                run.append(dets.gate.get("run_fraction", 1.0))
+                fallback += dets.gate["mode"] == "dense"
+                # dense detections above the threshold lying wholly inside a tile: does the tile reproduce them?
+                d = {n: v[d_dets[k]["scores"] > thr] for n, v in d_dets[k].items()}
+                tiles = gate.plan(t, tp, gated.gate, gated.contract["pad_multiple"]).tiles
+                keep = inside(d["boxes"], tiles)
+                n_dense, n_in = n_dense + len(keep), n_in + int(keep.sum())
+                g = {n: v[g_dets[k]["scores"] > thr] for n, v in g_dets[k].items()}
+                same += agreement({n: v[keep] for n, v in d.items()}, g)
+            row = {"run_fraction_mean": round(float(np.mean(run)), 4), "dense_fallbacks": fallback,
+                   "dense_detections_in_tiles": f"{n_in}/{n_dense}",
+                   "in_tile_detections_reproduced": f"{same}/{n_in}"}
+            if gt:
+                row["deeppcb_ap"] = protocol(gt, g_dets, thr)["ap"]
+                row["ap_drop"] = round(res["dense_deeppcb_ap"] - row["deeppcb_ap"], 6)
+            res["margins"][margin] = row
+            print(path.name, "margin", margin, row, flush=True)
+        gated.gate["margin_px"] = int(gate.DEFAULTS["margin_px"])
+        res["profile_ms_p50"] = {"dense": profile(dense, pairs[:50], thr), "gated": profile(gated, pairs[:50], thr)}
+        fps = {"dense": [], "gated": []}
+        stream_fps(dense, pairs, 10), stream_fps(gated, pairs, 10)  # warm up
+        for _ in range(a.rounds):
+            fps["dense"].append(stream_fps(dense, pairs, a.stream_pairs))
+            fps["gated"].append(stream_fps(gated, pairs, a.stream_pairs))
+        res["stream_fps"] = {k: {"median": round(float(np.median(v)), 2), "runs": [round(x, 2) for x in v]}
+                             for k, v in fps.items()}
+        res["stream_speedup"] = round(res["stream_fps"]["gated"]["median"] / res["stream_fps"]["dense"]["median"], 3)
+        print(path.name, res["profile_ms_p50"], res["stream_fps"], flush=True)
+        report["models"][path.name] = res
+    if a.out:
+        a.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
