@@ -32,16 +32,18 @@ def pixels(name: str, variant: int = 0) -> np.ndarray:
     return np.random.default_rng([ord(name), variant]).integers(0, 256, (48, 64), dtype=np.uint8)
 
 
-def write_dataset(root, spec: dict, variants: dict | None = None) -> None:
-    """A clean dataset folder as etl writes it: PNGs, content_hash, manifests."""
+def write_dataset(root, spec: dict, variants: dict | None = None, pictures: dict | None = None) -> None:
+    """A clean dataset folder as etl writes it: PNGs, content_hash, manifests (``pictures``: id -> pixels)."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     for f in (root / "images").glob("*.png"):
         f.unlink()
     images, boxes = [], []
     for name, (board, bxs) in spec.items():
-        a = pixels(name, (variants or {}).get(name, 0))
-        Image.fromarray(a).save(root / f"images/{name}_test.png")
-        images.append(dict(image_id=name, path=f"images/{name}_test.png", template_path="", width=64, height=48,
+        a = (pictures or {}).get(name)
+        a = pixels(name, (variants or {}).get(name, 0)) if a is None else a
+        file = f"images/{name.replace(':', '_')}_test.png"
+        Image.fromarray(a).save(root / file)
+        images.append(dict(image_id=name, path=file, template_path="", width=64, height=48,
                            board_id=board, source_split="", source="test", content_hash=content_hash(a)))
         boxes += [dict(image_id=name, class_name=c, x1=x1, y1=y1, x2=x2, y2=y2) for c, x1, y1, x2, y2 in bxs]
     Dataset(root, make_images_frame(images), make_boxes_frame(boxes)).save(root)
@@ -74,7 +76,7 @@ def repo(tmp_path_factory):
 
 def test_diff_reports_exactly_the_changes(repo):
     d = json.loads(data_diff(repo, "--base", "HEAD~1", "--head", "HEAD", "--json").stdout)
-    assert d["images"] == {"added": ["e"], "removed": ["d"], "changed": ["c"]}
+    assert d["images"] == {"added": ["e"], "removed": ["d"], "changed": ["c"], "renamed": []}
     assert d["box_counts"] == {"added": 0, "removed": 0, "relabelled": 1, "moved": 1, "adjusted": 0}
     assert d["totals"] == {"base_images": 4, "head_images": 4, "base_boxes": 5, "head_boxes": 6}
     assert d["compared_by"] == "content_hash"
@@ -88,11 +90,11 @@ def test_diff_reports_exactly_the_changes(repo):
         "copper": (1, 1), "open": (1, 1), "pin-hole": (0, 1), "short": (1, 2), "spur": (2, 1)}
     assert pc["short"]["relabelled"] == 1 and pc["open"]["relabelled_away"] == 1 and pc["short"]["moved"] == 1
     assert d["per_board"] == {
-        "b1": {"images_added": 0, "images_removed": 0, "images_changed": 0,
+        "b1": {"images_added": 0, "images_removed": 0, "images_changed": 0, "images_renamed": 0,
                "added": 0, "removed": 0, "relabelled": 1, "moved": 1, "adjusted": 0},
-        "b2": {"images_added": 0, "images_removed": 1, "images_changed": 1,
+        "b2": {"images_added": 0, "images_removed": 1, "images_changed": 1, "images_renamed": 0,
                "added": 0, "removed": 0, "relabelled": 0, "moved": 0, "adjusted": 0},
-        "b3": {"images_added": 1, "images_removed": 0, "images_changed": 0,
+        "b3": {"images_added": 1, "images_removed": 0, "images_changed": 0, "images_renamed": 0,
                "added": 0, "removed": 0, "relabelled": 0, "moved": 0, "adjusted": 0}}
 
 
@@ -128,6 +130,34 @@ def test_revisions_without_content_hash_are_compared_by_file(repo, tmp_path):
         assert d["compared_by"] == "file md5" and d["images"]["changed"] == ["c"]
     finally:
         images.write_bytes(before)
+
+
+def test_same_pixels_under_a_new_id_are_renamed_and_their_boxes_compared(tmp_path):
+    """A single source becoming one of ingest.sources renames every image (a -> src:a): the diff pairs
+    them by content_hash, not as removed + added, and compares their boxes as for the same id."""
+    repo = tmp_path
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                ["git", "config", "user.name", "test"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        sh(repo, *cmd)
+    renamed = {f"src:{k}": v for k, v in BASE.items() if k != "d"}
+    renamed["src:a"] = ("src:b1", [("short", 5, 5, 15, 15), ("spur", 30, 20, 50, 40)])  # open -> short
+    pix = lambda spec: {k: pixels(k.removeprefix("src:")) for k in spec}  # noqa: E731 (same pixels per name)
+    for spec, msg in ((BASE, "v1"), (renamed, "v2")):
+        write_dataset(repo / "data/clean", spec, pictures=pix(spec))
+        sh(repo, sys.executable, "-m", "dvc", "add", "-q", "data/clean")
+        sh(repo, "git", "add", "-A")
+        sh(repo, "git", "commit", "-qm", msg)
+    d = json.loads(data_diff(repo, "--base", "HEAD~1", "--head", "HEAD", "--json").stdout)
+    assert d["images"] == {"added": [], "removed": ["d"], "changed": [],
+                           "renamed": [{"from": k, "to": f"src:{k}"} for k in "abc"]}
+    assert d["box_counts"] == {"added": 0, "removed": 0, "relabelled": 1, "moved": 0, "adjusted": 0}
+    (e,) = d["boxes"]
+    assert (e["image_id"], e["base_image_id"], e["from"], e["class"]) == ("src:a", "a", "open", "short")
+    assert d["per_board"]["src:b1"]["images_renamed"] == 1 and d["per_board"]["b1"]["images_renamed"] == 1
+    md = data_diff(repo, "--base", "HEAD~1", "--head", "HEAD", "--thumbnails", str(tmp_path / "th")).stdout
+    assert "1 removed, 0 changed (other pixels, by content_hash), 3 renamed (same pixels, new id)." in md
+    assert "- image renamed: `a` → `src:a`" in md and "(IoU 1) (was `a`)" in md
+    assert [p.name for p in (tmp_path / "th").iterdir()] == ["src__a.png"]
 
 
 @pytest.mark.parametrize("base, head, kinds", [

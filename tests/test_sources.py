@@ -85,7 +85,7 @@ def test_split_names_namespaced_boards(tmp_path):
         split.assign(ds, SplitConfig(test_groups=("00001",)), 0)
 
 
-def test_conflicting_labels_stop_ingest_naming_both_sources_or_keep_the_first(tmp_path):
+def test_conflicting_labels_stop_ingest_naming_both_sources_or_keep_the_first_or_last(tmp_path):
     sources = two_sources(tmp_path, copy_class="short")
     with pytest.raises(DataError, match=r"deeppcb:00001000 \(deeppcb\) and voc:copy \(voc\) are the same picture "
                                         r"with different boxes: deeppcb has \['open \[1, 2, 20, 22\]'\], voc has "
@@ -97,6 +97,12 @@ def test_conflicting_labels_stop_ingest_naming_both_sources_or_keep_the_first(tm
     boxes = Dataset.load(tmp_path / "raw").boxes
     assert boxes.loc[boxes.image_id == "deeppcb:00001000", "class_name"].tolist() == ["open"]
     assert "voc:copy" not in set(boxes.image_id)
+    # last: the later source's boxes (an operator's correction) win; the picture keeps the first id
+    report = run(tmp_path, sources, label_conflict="last")
+    assert report["label_conflicts_count"] == 1 and report["label_conflicts"][0]["kept_boxes_of"] == "voc"
+    raw = Dataset.load(tmp_path / "raw")
+    assert raw.boxes.loc[raw.boxes.image_id == "deeppcb:00001000", "class_name"].tolist() == ["short"]
+    assert "voc:copy" not in set(raw.images.image_id) | set(raw.boxes.image_id) and len(raw.boxes) == 5
 
 
 def test_an_error_in_one_source_names_its_entry(tmp_path):

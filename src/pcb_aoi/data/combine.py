@@ -6,7 +6,10 @@ one with other metadata, is found too, where comparing file bytes would miss it.
 before the split, so no picture is trained on and also tested on. The copy from the source listed first
 is kept; the others' files are deleted and each is listed in the report. When the copies' boxes differ
 the sources disagree on what the picture shows: ``ingest.label_conflict: error`` (default) stops naming
-both copies and their sources, ``first`` keeps the first source's boxes and lists the conflict.
+both copies and their sources, ``first`` keeps the first source's boxes and lists the conflict, ``last``
+keeps the boxes of the source listed last that gives the picture (the id and files stay the first's) and
+lists the conflict: list the operator's corrections (``pcb-aoi-collect``'s folder) after the data they
+correct and they win, while the picture keeps its id, so ``pcb-aoi-data-diff`` shows the relabelled boxes.
 """
 from __future__ import annotations
 
@@ -57,14 +60,15 @@ def merge_duplicates(images: pd.DataFrame, boxes: pd.DataFrame, root: Path,
     """Keep one copy of each picture that several sources give (``images`` in the order of the sources).
 
     Returns the images and boxes kept and the report part: ``duplicates`` (kept id -> dropped ids),
-    ``label_conflicts`` (copies whose boxes differ). Raises DataError on a conflict unless
-    ``label_conflict`` is ``first``.
+    ``label_conflicts`` (copies whose boxes differ). Raises DataError on a conflict when ``label_conflict``
+    is ``error``; ``first`` keeps the kept copy's boxes, ``last`` the boxes of the last copy (sources order).
     """
     hashes = [picture_hash(root / p) for p in images["path"]]
     first: dict[str, int] = {}  # picture -> row of the copy kept
     drop, duplicates, conflicts = [], [], []
     by_image = {k: g for k, g in boxes.groupby("image_id", sort=False)}
     none = boxes.iloc[:0]
+    relabelled: dict[str, pd.DataFrame] = {}  # label_conflict last: kept id -> the later copy's boxes
     for i, h in enumerate(hashes):
         if h is None:
             continue
@@ -74,10 +78,13 @@ def merge_duplicates(images: pd.DataFrame, boxes: pd.DataFrame, root: Path,
         kept, copy = images.at[k, "image_id"], images.at[i, "image_id"]
         drop.append(i)
         duplicates.append({"kept": kept, "dropped": copy})
-        a, b = by_image.get(kept, none), by_image.get(copy, none)
+        a, b = relabelled.get(kept, by_image.get(kept, none)), by_image.get(copy, none)
         if not same_boxes(a, b):
             conflicts.append({"image": kept, "copy": copy, "sources": [images.at[k, "source"], images.at[i, "source"]],
-                              "boxes": [_described(a), _described(b)]})
+                              "boxes": [_described(a), _described(b)],
+                              "kept_boxes_of": images.at[i if label_conflict == "last" else k, "source"]})
+            if label_conflict == "last":
+                relabelled[kept] = b.assign(image_id=kept)
     if conflicts and label_conflict == "error":
         c = conflicts[0]
         more = f" ({len(conflicts) - 1} more such pictures)" if len(conflicts) > 1 else ""
@@ -85,16 +92,19 @@ def merge_duplicates(images: pd.DataFrame, boxes: pd.DataFrame, root: Path,
             f"ingest.sources: {c['image']} ({c['sources'][0]}) and {c['copy']} ({c['sources'][1]}) are the same "
             f"picture with different boxes: {c['sources'][0]} has {c['boxes'][0]}, {c['sources'][1]} has "
             f"{c['boxes'][1]}{more}; correct the labels of one source, or set ingest.label_conflict: first to keep "
-            f"the boxes of the source listed first")
+            f"the boxes of the source listed first, or last to keep those of the source listed last (corrections)")
     for i in drop:
         for col in ("path", "template_path"):
             if images.at[i, col]:
                 (root / images.at[i, col]).unlink(missing_ok=True)
     dropped = set(images.loc[drop, "image_id"])
+    kept_boxes = boxes[~boxes["image_id"].isin(dropped | set(relabelled))]
+    if relabelled:
+        kept_boxes = pd.concat([kept_boxes, *relabelled.values()])
     report = {"duplicates_merged": len(duplicates), "duplicates": duplicates[:LISTED],
               "label_conflicts_count": len(conflicts), "label_conflicts": conflicts[:LISTED]}
     return (images.drop(index=drop).reset_index(drop=True),
-            boxes[~boxes["image_id"].isin(dropped)].reset_index(drop=True), report)
+            kept_boxes.reset_index(drop=True), report)
 
 
 def _described(boxes: pd.DataFrame) -> list[str]:

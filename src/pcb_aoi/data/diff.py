@@ -6,7 +6,10 @@ cache or a remote, as ``dvc pull`` would need it) or from the workspace. It repo
 
 - images added, removed, and changed: same id, other pixels (the ``content_hash`` column etl writes;
   a revision older than it is compared by the md5 of its image files);
-- boxes of the images in both revisions, each base box matched to at most one head box: **relabelled**
+- images **renamed**: same pixels (``content_hash``), another id, as when a single source becomes one of
+  ``ingest.sources`` (``00041000`` -> ``deeppcb:00041000``) or a source is renamed; without this every
+  image would read as removed and added again. Their boxes are compared as those of the same id;
+- boxes of the images in both revisions (renamed ones too), each base box matched to at most one head box: **relabelled**
   (IoU >= 0.5, another class), **moved** (same class, 0.1 <= IoU < 0.5), **adjusted** (same class,
   IoU >= 0.5, other coordinates), else **removed** / **added**; boxes of added or removed images
   count in the per-class totals, not as box changes;
@@ -137,21 +140,25 @@ def diff(base: Side, head: Side) -> dict:
     common = sorted(b_ids & h_ids)
     by_hash = base.hashed and head.hashed  # else both by file: a hash and an md5 never compare equal
     b_fp, h_fp = base.fingerprints(common, by_hash), head.fingerprints(common, by_hash)
-    images = {"added": sorted(h_ids - b_ids), "removed": sorted(b_ids - h_ids),
-              "changed": [i for i in common if b_fp[i] != h_fp[i]]}
+    renamed = renamed_images(base, head, b_ids - h_ids, h_ids - b_ids) if by_hash else []
+    images = {"added": sorted(h_ids - b_ids - {h for _, h in renamed}),
+              "removed": sorted(b_ids - h_ids - {b for b, _ in renamed}),
+              "changed": [i for i in common if b_fp[i] != h_fp[i]],
+              "renamed": [{"from": b, "to": h} for b, h in renamed]}
     board = {**base.images.set_index("image_id")["board_id"].to_dict(),
              **head.images.set_index("image_id")["board_id"].to_dict()}
     b_groups, h_groups = (dict(tuple(s.boxes.groupby("image_id", sort=False))) for s in (base, head))
     none = base.boxes.iloc[:0]
     boxes = []
-    for image_id in common:
-        a = b_groups.get(image_id, none).reset_index(drop=True)
+    for base_id, image_id in [(i, i) for i in common] + renamed:
+        a = b_groups.get(base_id, none).reset_index(drop=True)
         b = h_groups.get(image_id, none).reset_index(drop=True)
         for kind, i, j, iou in match_boxes(a, b):
             if kind == "same":
                 continue
             old, new = (a.iloc[i] if i is not None else None), (b.iloc[j] if j is not None else None)
-            boxes.append({"image_id": image_id, "board_id": board[image_id], "kind": kind,
+            boxes.append({"image_id": image_id, **({"base_image_id": base_id} if base_id != image_id else {}),
+                          "board_id": board[image_id], "kind": kind,
                           "class": (new if new is not None else old).class_name,
                           **({"from": old.class_name} if kind == "relabelled" else {}),
                           "base_box": _box(old) if old is not None else None,
@@ -163,6 +170,19 @@ def diff(base: Side, head: Side) -> dict:
             "images": images, "image_counts": {k: len(v) for k, v in images.items()},
             "box_counts": {k: sum(e["kind"] == k for e in boxes) for k in KINDS}, "boxes": boxes,
             "per_class": _per_class(base, head, boxes), "per_board": _per_board(images, boxes, board)}
+
+
+def renamed_images(base: Side, head: Side, gone: set[str], new: set[str]) -> list[tuple[str, str]]:
+    """(base id, head id) of the images only one side names whose pixels are the same: a picture found
+    under a new id. Each head image is taken once; a picture several times on one side pairs in id order."""
+    by_hash: dict[str, list[str]] = defaultdict(list)
+    for i, h in sorted(head.fingerprints(new, True).items()):
+        by_hash[h].append(i)
+    pairs = []
+    for i, h in sorted(base.fingerprints(gone, True).items()):
+        if by_hash.get(h):
+            pairs.append((i, by_hash[h].pop(0)))
+    return sorted(pairs, key=lambda p: p[1])
 
 
 def _per_class(base: Side, head: Side, boxes: list[dict]) -> dict:
@@ -180,7 +200,7 @@ def _per_board(images: dict, boxes: list[dict], board: dict) -> dict:
     out = defaultdict(lambda: {**{f"images_{k}": 0 for k in images}, **{k: 0 for k in KINDS}})
     for k, ids in images.items():
         for i in ids:
-            out[board[i]][f"images_{k}"] += 1
+            out[board[i["to"] if k == "renamed" else i]][f"images_{k}"] += 1  # renamed: on the head's board
     for e in boxes:
         out[e["board_id"]][e["kind"]] += 1
     return dict(sorted(out.items()))
@@ -198,7 +218,8 @@ def markdown(d: dict) -> str:
              f"| images | {t['base_images']} | {t['head_images']} | {sign(t['head_images'] - t['base_images'])} |",
              f"| boxes | {t['base_boxes']} | {t['head_boxes']} | {sign(t['head_boxes'] - t['base_boxes'])} |", "",
              f"**Images:** {ic['added']} added, {ic['removed']} removed, {ic['changed']} changed "
-             f"(other pixels, by {d['compared_by']}).",
+             f"(other pixels, by {d['compared_by']})"
+             + (f", {ic['renamed']} renamed (same pixels, new id)." if ic["renamed"] else "."),
              "**Boxes** (images in both revisions): " + ", ".join(f"{bc[k]} {k}" for k in KINDS) + "."]
     if not (any(ic.values()) or any(bc.values())):
         return "\n".join(lines + ["", "_The dataset did not change._"])
@@ -207,14 +228,15 @@ def markdown(d: dict) -> str:
     for c, v in d["per_class"].items():
         lines.append(f"| {c} | {v['base']} | {v['head']} | {v['added']} | {v['removed']} | {v['relabelled']} | "
                      f"{v['relabelled_away']} | {v['moved']} | {v['adjusted']} |")
-    lines += ["", "| board | images added | images removed | images changed | boxes added | boxes removed | "
-              "relabelled | moved | adjusted |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| board | images added | images removed | images changed | images renamed | boxes added | "
+              "boxes removed | relabelled | moved | adjusted |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b, v in d["per_board"].items():
         lines.append(f"| {b} | {v['images_added']} | {v['images_removed']} | {v['images_changed']} | "
-                     + " | ".join(str(v[k]) for k in KINDS) + " |")
+                     f"{v['images_renamed']} | " + " | ".join(str(v[k]) for k in KINDS) + " |")
     changes = [f"- image added: `{i}`" for i in d["images"]["added"]]
     changes += [f"- image removed: `{i}`" for i in d["images"]["removed"]]
     changes += [f"- image changed (pixels): `{i}`" for i in d["images"]["changed"]]
+    changes += [f"- image renamed: `{r['from']}` → `{r['to']}`" for r in d["images"]["renamed"]]
     for e in d["boxes"]:
         old, new = (_fmt(e[k]) for k in ("base_box", "head_box"))
         if e["kind"] in ("added", "removed"):
@@ -223,7 +245,8 @@ def markdown(d: dict) -> str:
             what = f"{e['from']} → {e['class']} at {new} (IoU {e['iou']:g})"
         else:
             what = f"{e['class']} {old} → {new} (IoU {e['iou']:g})"
-        changes.append(f"- box {e['kind']}: `{e['image_id']}` {what}")
+        changes.append(f"- box {e['kind']}: `{e['image_id']}` {what}"
+                       + (f" (was `{e['base_image_id']}`)" if "base_image_id" in e else ""))
     more = [f"- … {len(changes) - LISTED} more (`--json` lists all)"] if len(changes) > LISTED else []
     return "\n".join(lines + ["", "**Changes:**", "", *changes[:LISTED], *more])
 

@@ -29,11 +29,12 @@ def _drawn(side, image_id: str, colour) -> Image.Image | None:
 def thumbnails(d: dict, base, head, out: Path, limit: int) -> list[str]:
     """Write up to ``limit`` PNGs (base | head) of images in both revisions whose boxes or pixels changed,
     box changes first; returns their file names. ``out`` is replaced as a whole."""
-    ids = list(dict.fromkeys([e["image_id"] for e in d["boxes"]] + d["images"]["changed"]))[:limit]
+    ids = list(dict.fromkeys([(e.get("base_image_id", e["image_id"]), e["image_id"]) for e in d["boxes"]]
+                             + [(i, i) for i in d["images"]["changed"]]))[:limit]  # (base id, head id): renamed
     names = []
     with atomic_dir(out) as tmp:
-        for image_id in ids:
-            left, right = _drawn(base, image_id, OLD), _drawn(head, image_id, NEW)
+        for base_id, image_id in ids:
+            left, right = _drawn(base, base_id, OLD), _drawn(head, image_id, NEW)
             if left is None or right is None:
                 continue
             pic = Image.new("RGB", (left.width + GAP + right.width, TOP + max(left.height, right.height)), "white")

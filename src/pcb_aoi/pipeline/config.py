@@ -92,8 +92,8 @@ class IngestConfig(Section):
     # several real sources in one dataset (ids become ``name:id``); () = the single source above
     sources: tuple[SourceConfig, ...] = _listed(())
     # the same picture from two sources with different boxes: error (stop, naming both) | first (keep the
-    # labels of the source listed first, report the conflict)
-    label_conflict: Literal["error", "first"] = "error"
+    # labels of the source listed first) | last (those of the source listed last: corrections); reported
+    label_conflict: Literal["error", "first", "last"] = "error"
     synthetic: SynthConfig = Field(default_factory=SynthConfig)
 
     @model_validator(mode="after")
