@@ -236,6 +236,8 @@ class BenchmarkConfig(Section):
     runs: int = Field(50, gt=0)  # pairs timed one at a time (latency percentiles)
     stream_pairs: int = Field(100, ge=1)  # pairs in the read-ahead stream whose wall time gives fps
     threads: int = Field(0, ge=0)  # 0 = all cores
+    # public detectors timed beside ours (deploy.peer; needs the optional, AGPL ultralytics: pcb-aoi[peer])
+    peers: tuple[Literal["yolov8n", "yolo11n"], ...] = _listed(())
 
 
 class Params(Section):
