@@ -210,7 +210,7 @@ def peers(cfg: BenchmarkConfig, ds: Dataset, ids: list[str], classes: list[str],
     with tempfile.TemporaryDirectory(prefix="pcb-aoi-peers-") as tmp:  # rebuilt each run: seconds per peer
         files = peer.build_all(cfg.peers, tmp, peer.export_size(int(row0.height), int(row0.width)), len(classes),
                                calibration, fmt)
-        out = peer.measure(files, pairs, classes, threshold, cfg.warmup, cfg.runs, cfg.stream_pairs, threads,
+        out = peer.time_all(files, pairs, classes, threshold, cfg.warmup, cfg.runs, cfg.stream_pairs, threads,
                            providers, fmt)
     for row in out:
         ref = ours[row["provider"]]

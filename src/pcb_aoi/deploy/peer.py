@@ -225,7 +225,7 @@ def build_all(names: tuple[str, ...], out_dir: str | Path, imgsz: tuple[int, int
     return files
 
 
-def measure(files: dict[str, tuple[Path, Path]], pairs: Pairs, classes: list[str], threshold: float,
+def time_all(files: dict[str, tuple[Path, Path]], pairs: Pairs, classes: list[str], threshold: float,
             warmup: int, runs: int, stream_pairs: int, threads: int, providers: list[str],
             int8_format: str) -> list[dict]:
     """One row per peer, precision and provider (keys of ``edge.contract.PROVIDERS``): ``deploy.measure``'s
