@@ -24,6 +24,7 @@ only by ``build`` and never by the package or the edge app.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def build(name: str, out_dir: str | Path, imgsz: tuple[int, int], nc: int, seed:
     from ultralytics import YOLO
     from ultralytics.nn.tasks import DetectionModel
 
+    logging.getLogger("ultralytics").setLevel(logging.WARNING)  # its export banner would mix into our output
     torch.manual_seed(seed)
     yolo = YOLO(PEERS[name])
     if yolo.model.yaml["nc"] != nc:  # the head a model trained on our classes has; export reads args/task
