@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +30,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..data.dataset import Dataset, atomic_dir, test_ids, write_json
 from ..edge import machine
 from ..edge.contract import GPU_PROVIDERS, MIN_SCORE, PROVIDERS
-from ..edge.runtime import EdgeModel
+from ..edge.runtime import EdgeModel, read_grey
 from ..evaluation.deeppcb import protocol
 from ..evaluation.metrics import coco_metrics
 from ..model import checkpoint
 from ..model.inference import load_pair, prepare_input, torch_runner
-from ..pipeline.config import BenchmarkConfig
-from . import measure
+from ..pipeline.config import BenchmarkConfig, QuantizeConfig
+from . import measure, peer
+
+PEER_CALIBRATION_IMAGES = 8  # test images the peers' INT8 ranges come from
 
 
 def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -100,6 +103,8 @@ def run(cfg: BenchmarkConfig, inputs: Inputs, out: str | Path, *, train_step: Tr
 
     PyTorch runs with ``benchmark.threads`` threads meanwhile; the process's setting is restored after (a
     caller that trains next, a test session, must not inherit it: other threads, other float sums)."""
+    if cfg.peers:  # before any work: a missing optional dependency must not cost a whole benchmark run
+        peer.require("benchmark.peers", cfg.peers)
     threads = cfg.threads or os.cpu_count() or 1
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -140,6 +145,10 @@ def _run(cfg: BenchmarkConfig, inputs: Inputs, out: str | Path, threads: int, tr
         report["int8_format"] = (m.contract.get("int8") or {}).get("format")
         report["int8_on_this_cpu"] = m.cpu_verdict()[0]  # exact | saturates | unknown
         report["int8_vs_fp32_speedup"] = round(by[onnx, cpu]["ms_p50"] / by[Path(inputs.int8).name, cpu]["ms_p50"], 3)
+    if cfg.peers:
+        report["peers"] = peers(cfg, ds, ids, list(ckpt["classes"]), EdgeModel(inputs.onnx).contract["score_threshold"],
+                                available, threads, report.get("int8_format"),
+                                {v["provider"]: v for v in variants if v["file"] == onnx})
     x1 = torch.from_numpy(prepare_input(*load_pair(ds, rows[0]), ckpt["input_spec"]["use_template"])[None])
     report["compute"] = {"gflops": round(gflops(model, x1), 3), **sizing(model, ckpt, inputs, train_step)}
     if plots_dir:
@@ -195,6 +204,27 @@ def measure_variants(cfg: BenchmarkConfig, inputs: Inputs, model: torch.nn.Modul
         variants.append({"file": Path(path).name, **row, "size_mb": round(Path(path).stat().st_size / 2**20, 3),
                          **timing, **metrics, "threads": threads})
     return variants
+
+
+def peers(cfg: BenchmarkConfig, ds: Dataset, ids: list[str], classes: list[str], threshold: float,
+          providers: list[str], threads: int, int8_format: str | None, ours: dict[str, dict]) -> list[dict]:
+    """``deploy.peer`` rows for ``benchmark.peers``: each built with ``classes``, exported at the test images'
+    size, quantized in our INT8 format (``u8s7`` without an INT8 model) on the first test images (latency
+    only: no score is reported, so calibrating on them favours nothing), timed on the same pairs at our
+    operating ``threshold``; ratios to our ORT FP32 file on the same provider (``ours``: provider -> row)."""
+    pairs, row0 = measure.Pairs.of(ds, ids), ds.rows(ids[:1])[0]
+    calibration = [read_grey(t) for t in pairs.tests[:PEER_CALIBRATION_IMAGES]]
+    fmt = int8_format or QuantizeConfig().format
+    with tempfile.TemporaryDirectory(prefix="pcb-aoi-peers-") as tmp:  # rebuilt each run: seconds per peer
+        files = peer.build_all(cfg.peers, tmp, peer.export_size(int(row0.height), int(row0.width)), len(classes),
+                               calibration, fmt)
+        out = peer.time_all(files, pairs, classes, threshold, cfg.warmup, cfg.runs, cfg.stream_pairs, threads,
+                           providers, fmt)
+    for row in out:
+        ref = ours[row["provider"]]
+        row["fps_vs_onnx_fp32"] = round(row["fps"] / ref["fps"], 3)
+        row["ms_p50_vs_onnx_fp32"] = round(row["ms_p50"] / ref["ms_p50"], 3)
+    return out
 
 
 def sizing(model: torch.nn.Module, ckpt: dict, inputs: Inputs, train_step: TrainStep | None) -> dict:

@@ -30,7 +30,7 @@ import numpy as np
 MODES = ("none", "tiles")
 CELL = 8  # px: the grid on which changed regions are found (8-connected cells)
 # Defaults of the contract's "gate" block (an older model without one, or --gate tiles on it).
-DEFAULTS = {"mode": "none", "diff_threshold": 64, "min_size_px": 3, "margin_px": 32, "max_fraction": 0.5}
+DEFAULTS = {"mode": "none", "diff_threshold": 64, "min_size_px": 3, "margin_px": 48, "max_fraction": 0.5}
 
 
 @dataclass(frozen=True)

@@ -281,6 +281,8 @@ class BenchmarkConfig(Section):
     runs: int = Field(50, gt=0)  # pairs timed one at a time (latency percentiles)
     stream_pairs: int = Field(100, ge=1)  # pairs in the read-ahead stream whose wall time gives fps
     threads: int = Field(0, ge=0)  # 0 = all cores
+    # public detectors timed beside ours (deploy.peer; needs the optional, AGPL ultralytics: pcb-aoi[peer])
+    peers: tuple[Literal["yolov8n", "yolo11n"], ...] = _listed(())
 
 
 class GateConfig(Section):
@@ -291,7 +293,7 @@ class GateConfig(Section):
     max_ap_drop: Probability = 0.003  # DeepPCB AP (0..1) gated may lose against dense on validation
     diff_threshold: int = Field(64, ge=0, le=254)  # grey levels a pixel must differ by
     min_size_px: int = Field(3, ge=1, le=16)  # a change counts where a square this wide differs entirely
-    margin_px: int = Field(32, ge=0, le=256)  # context around a changed region (the network's receptive field)
+    margin_px: int = Field(48, ge=0, le=256)  # context around a changed region (the network's receptive field)
     max_fraction: Probability = 0.5  # tiles covering more of the image than this: the pair runs dense
 
 
