@@ -109,6 +109,14 @@ def test_repro_writes_every_report(repo):
     assert (repo / "reports/live/plots/metrics/val/map50.tsv").is_file()
 
 
+def test_gated_detections_around_defects_match_dense(repo):
+    """The pipeline's trained model, gated with a receptive field's context (64 px), finds the defects'
+    detections of the dense run again (tests/test_gate.py has the check)."""
+    from test_gate import detections_around_defects_match_dense
+    checked, tiled = detections_around_defects_match_dense(repo / "models/model.onnx", 64)
+    assert checked >= 8 and tiled >= 4
+
+
 def test_second_repro_runs_nothing(repo):
     assert changed(repo) == set()
     assert ran(sh(repo, "dvc", "repro").stdout) == []
