@@ -380,3 +380,51 @@ def test_missing_templates_stop_train_and_evaluate_naming_the_images_never_a_sil
                             "--report", str(tmp_path / "train.json")], capture_output=True, text=True)
     assert stage.returncode == 1 and "2 of the 4 training images" in stage.stderr, stage.stderr
     assert not (tmp_path / "m").exists() and not (tmp_path / "train.json").exists()
+
+
+def _two_steps(model, net, batches, lr):
+    """train_one_epoch over ``batches`` (2 steps) with ``model`` running them; ``net``'s weights after."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    losses = training.train_one_epoch(model, batches, opt, sched, 0, torch.device("cpu"), 6, net.cfg.stride)
+    return losses, {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_compiled_network_trains_its_own_weights_like_eager_within_tolerance():
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as e:
+        pytest.skip(f"torch.compile on a CPU needs a C++ compiler: {e}")
+    cfg = network.DetectorConfig(num_classes=6, width=8, blocks=(1, 1, 1))
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):  # 2 crops of 64 px, one box each
+        boxes = [torch.tensor([[8.0, 10.0, 30.0, 24.0]]), torch.tensor([[20.0, 30.0, 44.0, 60.0]])]
+        batches.append((torch.rand(2, 3, 64, 64, generator=gen), boxes, [torch.tensor([1]), torch.tensor([4])]))
+    torch.manual_seed(0)
+    init = network.Detector(cfg).to(memory_format=torch.channels_last).state_dict()
+    lr, runs = 1e-3, {}
+    for compiled in (False, True):
+        net = network.Detector(cfg).to(memory_format=torch.channels_last)
+        net.load_state_dict(init)
+        model = devices.compile_model(net, torch.device("cpu")) if compiled else net
+        runs[compiled] = _two_steps(model, net, batches, lr)
+    (eager_loss, eager_w), (comp_loss, comp_w) = runs[False], runs[True]
+    assert comp_loss["loss"] == pytest.approx(eager_loss["loss"], rel=1e-2)
+    assert comp_loss["heat"] == pytest.approx(eager_loss["heat"], rel=1e-2)
+    # The compiled graph updates the network's own parameters (validation and checkpoints read them) ...
+    moved = max((comp_w[k] - init[k]).abs().max().item() for k in init if init[k].is_floating_point())
+    assert moved > lr / 2
+    # ... as eager does: AdamW moves a weight at most ~lr per step, so 2 steps differ by at most 2 lr.
+    worst = max((comp_w[k] - eager_w[k]).abs().max().item() for k in init if init[k].is_floating_point())
+    assert worst <= 2 * lr + 1e-6
+
+
+def test_compile_without_a_cpp_compiler_stops_at_start_naming_the_key(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/bin/g++",))
+    with pytest.raises(ValueError, match=r"train\.compile: true needs a C\+\+ compiler.*train\.compile: false"):
+        devices.compile_model(network.Detector(network.DetectorConfig(num_classes=6, width=8)), torch.device("cpu"))
