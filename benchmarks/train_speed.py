@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--steps", type=int, default=0, help="steps timed; 0 = one epoch (%(default)s)")
     a.add_argument("--profiled", type=int, default=10, help="steps under torch.profiler after them (%(default)s)")
     a.add_argument("--workers", type=int, default=1, help="loader processes, train.workers (%(default)s)")
+    a.add_argument("--threads", type=int, default=0, help="torch threads, train.threads; 0 = all cores (%(default)s)")
     a = sub.add_parser("variants", help="step variants side by side")
     a.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     a.add_argument("--data", type=Path, help="prepare's folder: the recipe's crops via its loader (else random)")
@@ -306,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "prepare":
         result = {"seconds": prepare(args.uri, args.data), "data": str(args.data)}
     elif args.cmd == "profile":
+        if args.threads:
+            torch.set_num_threads(args.threads)
         result = profile(args.data, args.steps, args.profiled, args.workers)
     else:
         names = [n for n in args.variants.split(",") if n]

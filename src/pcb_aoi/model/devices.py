@@ -63,22 +63,3 @@ def resolve_precision(requested: str, device: torch.device, cpu: machine.Cpu | N
         return "bf16", (f"train.precision=bf16 on {where}: no native bfloat16 (AVX512-BF16, AMX or Arm BF16), so it "
                         f"is emulated, about {BF16_EMULATED_SLOWDOWN}x slower than fp32; use train.precision=auto or fp32")
     return requested, None
-
-
-def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``train.compile``: the network's forward and backward through ``torch.compile`` (inductor), sharing
-    ``model``'s parameters. On 2 AVX2 CPU cores an fp32 step got ~1.3-1.5x faster (docs/training-speed.md);
-    the first step compiles, 1-3 minutes there. On a CPU inductor writes C++ and needs a compiler: checked
-    here, so a machine without one stops at start saying so, not at the first step with a compiler trace."""
-    if device.type == "cpu":
-        try:
-            from torch._inductor.cpp_builder import get_cpp_compiler
-
-            get_cpp_compiler()
-        except ImportError:  # a torch that moved it: the first step will tell
-            pass
-        except Exception as e:  # inductor's InvalidCxxCompiler, or a broken $CXX
-            raise ValueError(f"train.compile: true needs a C++ compiler on a CPU (g++ or clang++ on PATH, or $CXX) "
-                             f"and found none ({type(e).__name__}: {str(e).strip()[:200]}); install one or set "
-                             "train.compile: false") from None
-    return torch.compile(model)

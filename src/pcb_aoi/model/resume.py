@@ -15,7 +15,7 @@ from ..pipeline.config import TrainConfig, to_dict
 from .network import Detector
 
 RESUME_FORMAT = "pcb-aoi-resume/1"
-NOT_IN_FINGERPRINT = ("device", "threads", "workers", "cache_mb", "resume", "compile")  # how to run, not what is trained
+NOT_IN_FINGERPRINT = ("device", "threads", "workers", "cache_mb", "resume")  # how to run, not what is trained
 
 
 def fingerprint(cfg: TrainConfig, seed: int, classes: tuple[str, ...], train_dir: Path, val_ids: list[str],

@@ -36,7 +36,7 @@ from ..pipeline import provenance, tracking
 from ..pipeline.config import Params, TrainConfig
 from . import checkpoint
 from .crops import PairDataset, collate
-from .devices import Ddp, compile_model, resolve_device, resolve_precision
+from .devices import Ddp, resolve_device, resolve_precision
 from .inference import Runner, predict, torch_runner
 from .loss import box_loss, build_targets, focal_loss
 from .network import Detector, DetectorConfig
@@ -221,8 +221,6 @@ def build(ctx: Context, train_ds: Dataset) -> Parts:
                                   width=cfg.model.width, stride=cfg.model.stride, blocks=cfg.model.blocks))
     net = net.to(ctx.device, memory_format=torch.channels_last)  # NHWC convolutions: ~20% faster CPU training steps
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
-    if cfg.compile:  # the steps run the compiled graph; validation, EMA and checkpoints use ``net``'s weights
-        model = compile_model(model, ctx.device)
     data = PairDataset(train_ds, ctx.classes, ctx.use_template, cfg.crop_size, ctx.seed, cfg.flip_rotate,
                        cfg.scale_jitter, cfg.width_jitter, cfg.cache_mb, cfg.template_shift, cfg.background_crops)
     drop_last = len(data) >= cfg.batch_size

@@ -183,8 +183,6 @@ class TrainConfig(Section):
     background_crops: Probability = 0.0  # fraction of crops cut anywhere, not around a defect
     threads: int = 0  # torch intra-op threads; 0 = all cores
     workers: int = Field(1, ge=0, le=16)  # data-loading processes beside training; 0 = load in the training process
-    # torch.compile the network's forward and backward (inductor: needs a C++ compiler); the first step compiles
-    compile: bool = False
     # keep the decoded training images in RAM when they fit in this many MiB; 0 = never
     cache_mb: int = Field(4096, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the GPU when torch sees one
