@@ -1,6 +1,7 @@
-"""DVC stage `train`: train the detector from scratch (params `train.*`), validate on the val split,
-log curves with dvclive, save the best epoch as a self-describing checkpoint and every epoch a resume
-point (models/checkpoints/last.pt) that an interrupted `dvc repro` continues from.
+"""DVC stage `train`: train the detector (params `train.*`) from scratch or from the checkpoint
+`train.init_from` (fine-tuning; it must lie in --init-dir), validate on the val split, log curves
+with dvclive, save the best epoch as a self-describing checkpoint and every epoch a resume point
+(models/checkpoints/last.pt) that an interrupted `dvc repro` continues from.
 
 Several processes (DistributedDataParallel): run this script under torchrun, or set
 PCB_AOI_TORCHRUN to torchrun's options and this script launches itself through torchrun, e.g.
@@ -36,6 +37,8 @@ if __name__ == "__main__":
     ap.add_argument("--split", required=True, help="folder holding split.parquet")
     ap.add_argument("--model", required=True, help="checkpoint to write (best validated epoch)")
     ap.add_argument("--live", required=True, help="dvclive folder (learning curves)")
+    ap.add_argument("--init-dir", help="folder train.init_from must lie in (a dep of this stage); default: anywhere")
     run_stage(ap, lambda p, a: tracking.tracked(  # MLflow, when MLFLOW_TRACKING_URI is set
         "train", {"seed": p.seed, "classes": p.classes, "train": p.train},
-        lambda: training.run(p.train, p.seed, p.classes, a.train, a.clean, a.split, a.model, a.live, params=p)))
+        lambda: training.run(p.train, p.seed, p.classes, a.train, a.clean, a.split, a.model, a.live, params=p,
+                             init_within=a.init_dir)))

@@ -10,6 +10,7 @@ from ..edge.preprocess import PAD_MULTIPLE
 from .network import Detector, DetectorConfig
 
 FORMAT = "pcb-aoi-checkpoint/1"
+KEYS = ("model_state", "model_config", "classes", "input_spec")  # what every reader needs
 
 
 def input_spec(use_template: bool, register_max_px: int = 0) -> dict:
@@ -58,6 +59,10 @@ def load(path: str | Path, expect: dict | None = None) -> tuple[Detector, dict]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise IncompatibleCheckpoint(f"{path}: not a {FORMAT} checkpoint (format {got!r})")
+    missing_keys = [k for k in KEYS if k not in ckpt]
+    if missing_keys:
+        raise IncompatibleCheckpoint(f"{path}: not a complete {FORMAT} checkpoint, missing keys: "
+                                     f"{', '.join(missing_keys)}")
     differ = [f"{k} (checkpoint {ckpt.get(k)!r}, params {v!r})" for k, v in (expect or {}).items() if ckpt.get(k) != v]
     if differ:
         raise IncompatibleCheckpoint(f"{path}: trained with a different config, keys differ: {'; '.join(differ)}. "

@@ -1,7 +1,7 @@
 """Resume points: every epoch the training state goes to ``<model dir>/checkpoints/last.pt``; a later run
-with the same fingerprint (train params that change the result, seed, classes, data, processes)
-continues after its epoch instead of starting over, and an incompatible one is ignored, saying which
-keys differ."""
+with the same fingerprint (train params that change the result, seed, classes, data, processes, the
+content of ``train.init_from``) continues after its epoch instead of starting over, and an incompatible
+one is ignored, saying which keys differ."""
 from __future__ import annotations
 
 import hashlib
@@ -19,15 +19,16 @@ NOT_IN_FINGERPRINT = ("device", "threads", "workers", "cache_mb", "resume")  # h
 
 
 def fingerprint(cfg: TrainConfig, seed: int, classes: tuple[str, ...], train_dir: Path, val_ids: list[str],
-                world: int) -> dict:
-    """What a resumed run must share with the interrupted one to continue it."""
+                world: int, init_sha256: str | None = None) -> dict:
+    """What a resumed run must share with the interrupted one to continue it; ``init_sha256`` is the
+    content of ``train.init_from`` (a run started from other weights is another run, same path or not)."""
     data = hashlib.sha256()
     for name in ("images.parquet", "boxes.parquet"):
         data.update((train_dir / name).read_bytes())
     data.update("\n".join(val_ids).encode())
     train = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_FINGERPRINT}
     return {"train": train, "seed": seed, "classes": list(classes), "data_sha256": data.hexdigest(),
-            "processes": world}
+            "processes": world, "init_sha256": init_sha256}
 
 
 def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -1,4 +1,7 @@
-"""train: fit the detector from scratch on the augmented training split, validate on held-out boards.
+"""train: fit the detector on the augmented training split, validate on held-out boards.
+
+- From scratch, or from an earlier checkpoint's weights (``train.init_from``, fine-tuning): checked
+  before any step, classes matched by name (``model.finetune``).
 
 - dvclive logs the losses and validation mAP per epoch; the best epoch is saved as a self-describing
   checkpoint (``model.checkpoint``). Best = highest validation COCO mAP@[.5:.95]: mAP@0.5 saturates on
@@ -34,7 +37,7 @@ from ..edge import machine
 from ..evaluation.metrics import coco_metrics
 from ..pipeline import provenance, tracking
 from ..pipeline.config import Params, TrainConfig
-from . import checkpoint
+from . import checkpoint, finetune
 from .crops import PairDataset, collate
 from .devices import Ddp, resolve_device, resolve_precision
 from .inference import Runner, predict, torch_runner
@@ -109,6 +112,7 @@ class Context:
     ddp: Ddp
     device: torch.device
     precision: str  # as resolved on this machine: fp32 | bf16
+    init: finetune.Init | None = None  # the checked source of train.init_from; None: from scratch
     provenance: dict = field(default_factory=dict)  # commit, params hash, data version (pipeline.provenance)
 
     @property
@@ -147,28 +151,31 @@ class Progress:
 
 
 def run(cfg: TrainConfig, seed: int, classes: tuple[str, ...], train_dir: str | Path, clean_dir: str | Path,
-        split_dir: str | Path, model_out: str | Path, live_dir: str | Path, params: Params | None = None) -> dict:
+        split_dir: str | Path, model_out: str | Path, live_dir: str | Path, params: Params | None = None,
+        init_within: str | Path | None = None) -> dict:
     """Train and save the best epoch to ``model_out``; returns the stage report.
 
     ``params``: the whole params.yaml the stage read, only to fingerprint the sections that shaped the
     model into the checkpoint's provenance (``pipeline.provenance``); None (a direct call with only
     ``cfg``): the checkpoint's ``params_hash`` is ``"unknown"``. It must agree with ``cfg``, ``seed``, ``classes``.
+    ``init_within``: the folder ``train.init_from`` must lie in (the stage's DVC dep), None = anywhere.
     """
     if params is not None and (params.train, params.seed, tuple(params.classes)) != (cfg, seed, tuple(classes)):
         raise ValueError("training.run: params differ from the train section, seed or classes passed with them; "
                          "pass the params these came from (their hash goes into the checkpoint)")
+    init = finetune.load_init(cfg, classes, registration_px(clean_dir), init_within)  # refused before any work
     ddp = Ddp()
     device = resolve_device(cfg.device, ddp.local_rank)
     ddp.start(device)
     try:
         return _run(cfg, seed, classes, Path(train_dir), Path(clean_dir), split_dir, Path(model_out), live_dir,
-                    ddp, device, params)
+                    ddp, device, params, init)
     finally:
         ddp.stop()
 
 
 def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_dir, ddp: Ddp, device,
-         params: Params | None) -> dict:
+         params: Params | None, init) -> dict:
     torch.manual_seed(seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -181,12 +188,15 @@ def _run(cfg, seed, classes, train_dir, clean_dir, split_dir, model_out, live_di
     check_templates(cfg.model.use_template, train_ds)
     clean, use_template = Dataset.load(clean_dir), cfg.model.use_template
     val_ids = split_ids(split_dir, "val")
-    ctx = Context(cfg, seed, classes, clean, clean_dir, val_ids, use_template, model_out, ddp, device, precision)
+    ctx = Context(cfg, seed, classes, clean, clean_dir, val_ids, use_template, model_out, ddp, device, precision, init)
     if ddp.main:  # the writer; before training, so the data version is that of the data read
         ctx.provenance = provenance.collect(params, {"clean": clean_dir, "split": split_dir, "augmented": train_dir})
+    if init and ddp.main:
+        print("\n".join(init.log_lines()), flush=True)
     parts = build(ctx, train_ds)
     # As run: an `auto` run resumed on a machine that resolves it otherwise starts over.
-    fp = fingerprint(cfg.model_copy(update={"precision": precision}), seed, classes, train_dir, val_ids, ddp.world)
+    fp = fingerprint(cfg.model_copy(update={"precision": precision}), seed, classes, train_dir, val_ids, ddp.world,
+                     init.sha256 if init else None)
     progress = restore(ctx, parts, load_resume(ctx.resume_path, fp) if cfg.resume else None)
     fit(ctx, parts, progress, fp, live_dir)
     if ddp.main:
@@ -213,13 +223,22 @@ def check_templates(use_template: bool, train_ds: Dataset, shown: int = 5) -> No
                          "single-image model on all of them")
 
 
+def initial_network(ctx: Context) -> Detector:
+    """The weights of step 0: a fresh network (the first draw after seeding), then ``train.init_from``'s
+    weights where it has them."""
+    cfg = ctx.cfg
+    net = Detector(DetectorConfig(num_classes=len(ctx.classes), in_channels=3 if ctx.use_template else 1,
+                                  width=cfg.model.width, stride=cfg.model.stride, blocks=cfg.model.blocks))
+    if ctx.init is not None:
+        finetune.apply(net, ctx.init, ctx.classes)
+    return net
+
+
 def build(ctx: Context, train_ds: Dataset) -> Parts:
     """The network, the training crops and their loader, the optimizer, the moving average and the schedule
     (the network first: its initial weights are the first draw after seeding)."""
     cfg, ddp = ctx.cfg, ctx.ddp
-    net = Detector(DetectorConfig(num_classes=len(ctx.classes), in_channels=3 if ctx.use_template else 1,
-                                  width=cfg.model.width, stride=cfg.model.stride, blocks=cfg.model.blocks))
-    net = net.to(ctx.device, memory_format=torch.channels_last)  # NHWC convolutions: ~20% faster CPU training steps
+    net = initial_network(ctx).to(ctx.device, memory_format=torch.channels_last)  # NHWC convolutions: ~20% faster CPU training steps
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
     data = PairDataset(train_ds, ctx.classes, ctx.use_template, cfg.crop_size, ctx.seed, cfg.flip_rotate,
                        cfg.scale_jitter, cfg.width_jitter, cfg.cache_mb, cfg.template_shift, cfg.background_crops)
@@ -323,7 +342,7 @@ def keep_if_best(ctx: Context, parts: Parts, progress: Progress, epoch: int, sco
         checkpoint.save(ctx.model_out, parts.kept, ctx.classes, ctx.use_template, registration_px(ctx.clean_dir),
                         epoch=epoch, val_map=progress.best["map"] if scores else None,
                         val_map50=progress.best["map50"], seed=ctx.seed, torch=str(torch.__version__),
-                        train_images=len(parts.data), **ctx.provenance)
+                        train_images=len(parts.data), **ctx.provenance, **init_report(ctx))
 
 
 def log_step(live: Live, logged: dict[str, float]) -> None:
@@ -355,4 +374,10 @@ def summary(ctx: Context, parts: Parts, progress: Progress) -> dict:
         "precision": ctx.precision,  # as run: train.precision=auto resolves per machine
         "precision_requested": ctx.cfg.precision,
         "machine": machine.describe(torch.cuda.get_device_name(device) if device.type == "cuda" else None),
+        **init_report(ctx),
     }
+
+
+def init_report(ctx: Context) -> dict:
+    """Where the weights of step 0 came from: ``train.init_from``, its sha256 and the class mapping (None: scratch)."""
+    return ctx.init.report() if ctx.init else {"init_from": None, "init_sha256": None, "init_classes": None}

@@ -234,6 +234,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "fp32"  # bf16: autocast forward; auto: bf16 where native
     val_every: int = Field(1, gt=0)  # validate every N epochs (and after the last)
     resume: bool = True  # continue an interrupted run from models/checkpoints/last.pt when compatible
+    # start from this pcb-aoi checkpoint's weights (fine-tuning); "" = from scratch. The train stage
+    # requires it under models/init/, its DVC dep (pcb_aoi.model.finetune)
+    init_from: str = ""
     model: ModelConfig = Field(default_factory=ModelConfig)
 
     @model_validator(mode="after")
