@@ -1,6 +1,7 @@
 """Our shipped models and public peer detectors, side by side in one run on DeepPCB pairs at 640x640.
 
-Rows: PyTorch eager (``model.pt``), ONNX Runtime FP32 (``model.onnx``) and INT8 (``model.int8.onnx``), then
+Rows: PyTorch eager (``model.pt``), ONNX Runtime FP32 (``model.onnx``) and INT8 (``model.int8.onnx``), both
+also difference-gated (``onnxruntime+gate``: ``pcb_aoi.edge.gate`` with the settings in their contracts), then
 YOLOv8n and YOLO11n (``pcb_aoi.deploy.peer``: built from their yaml with random weights, offline, exported
 FP32 and quantized to our INT8 format), each timed by the benchmark stage's loops (``deploy.measure``):
 ``fps`` = pairs / wall time of the edge app's read-ahead stream, p50/p95/p99 one pair at a time with the
@@ -77,6 +78,10 @@ def ours(a: argparse.Namespace, pairs: measure.Pairs, threads: int, h: int, w: i
     int8 = a.models / "model.int8.onnx"
     if int8.is_file():
         runs.append(("model.int8.onnx", "onnxruntime", "int8", "numpy", lambda: EdgeModel(int8, threads)))
+    if fp32.needs_template:  # difference-gated (pcb_aoi.edge.gate), whatever the contracts decided
+        runs.append(("model.onnx", "onnxruntime+gate", "fp32", "numpy", lambda: EdgeModel(a.models / "model.onnx", threads, gate="tiles")))
+        if int8.is_file():
+            runs.append(("model.int8.onnx", "onnxruntime+gate", "int8", "numpy", lambda: EdgeModel(int8, threads, gate="tiles")))
     rows = []
     for file, runtime, fmt, decode, make in runs:
         m = make()

@@ -2,6 +2,7 @@
 source's, head rows matched by class name; incompatible sources refused before any step; the resume
 fingerprint holds the source's content."""
 import hashlib
+import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -74,11 +75,18 @@ def test_fine_tune_reports_source_hash_and_mapping_and_ignores_a_scratch_resume_
     opt = torch.optim.AdamW(net.parameters())
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=10)
     resume.save_resume(last, fp, net, None, opt, sched, 0, {"map": 0.1, "map50": 0.2}, 0, [], [1.0])
-    summary = training.run(cfg, p.seed, classes, d / "augmented", d / "clean", d / "split",
-                           tmp_path / "models/model.pt", tmp_path / "live")
+    # fetched from the registry: its sidecar names the version (pcb-aoi-registry fetch writes it)
+    sidecar = source.with_name(source.name + ".registry.json")
+    sidecar.write_text(json.dumps({"artifact": "pcb-detector-checkpoint", "version": "v1.4.0"}))
+    try:
+        summary = training.run(cfg, p.seed, classes, d / "augmented", d / "clean", d / "split",
+                               tmp_path / "models/model.pt", tmp_path / "live")
+    finally:
+        sidecar.unlink()
     out = capsys.readouterr().out
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     assert summary["init_from"] == str(source) and summary["init_sha256"] == digest
+    assert summary["init_version"] == "v1.4.0" and finetune.registered_version(source) == "unregistered"
     assert summary["init_classes"] == {"kept": {"open": 1, "short": 0, "mousebite": 2, "spur": 3, "copper": 4,
                                                 "pin-hole": 5}, "new": [NEW], "dropped": ["scratch"]}
     assert summary["resumed_from_epoch"] is None

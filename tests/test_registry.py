@@ -247,8 +247,8 @@ def test_project_declares_the_shipped_files_with_a_true_contract_and_metrics():
         outs = {str(o.def_path) for s in repo.index.stages for o in s.outs}
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     bench = {v["file"]: v for v in json.loads((ROOT / "reports/benchmark.json").read_text())["variants"]
-             if v["provider"] == "CPUExecutionProvider"}
-    assert set(declared) == {"pcb-detector", "pcb-detector-int8"}
+             if v["provider"] in ("CPUExecutionProvider", "torch-cpu")}
+    assert set(declared) == {"pcb-detector", "pcb-detector-int8", "pcb-detector-checkpoint"}
     for name, a in declared.items():
         assert a.type == "model" and a.path in outs, name
         meta, file = a.meta, Path(a.path).name

@@ -22,7 +22,10 @@ def expected(root: str | Path = ".") -> dict[str, dict]:
     doc = yaml.safe_load((root / "dvc.yaml").read_text())
     params = yaml.safe_load((root / "params.yaml").read_text())
     bench = json.loads((root / "reports/benchmark.json").read_text())
-    rows = {v["file"]: v for v in bench["variants"] if v["provider"] == "CPUExecutionProvider"}
+    rows = {}  # file -> its row: ONNX Runtime's CPU provider for the ONNX files, PyTorch for the checkpoint
+    for v in bench["variants"]:
+        if v["provider"] in ("CPUExecutionProvider", "torch-cpu"):
+            rows.setdefault(v["file"], v)
     out = {}
     for name, a in (doc.get("artifacts") or {}).items():
         if a.get("type") != "model":

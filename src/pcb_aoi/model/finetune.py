@@ -10,6 +10,7 @@ the fresh network's own row, and a source class not in ``classes`` is dropped.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,15 @@ from .network import Detector
 
 HEAD = "cls_head.1"  # the classification head's last 1x1 convolution: output channel k = class k (network.py)
 FIX = "set train.model.{key} to the checkpoint's value or leave train.init_from empty (train from scratch)"
+
+
+def registered_version(path: Path) -> str:
+    """The registry version of a checkpoint fetched with ``pcb-aoi-registry fetch`` (its sidecar
+    ``<file>.registry.json``, ``pcb_aoi.lifecycle.registry.SIDECAR``), else ``"unregistered"``."""
+    try:
+        return json.loads(Path(str(path) + ".registry.json").read_text()).get("version", "unregistered")
+    except (OSError, ValueError):
+        return "unregistered"
 
 
 @dataclass(frozen=True)
@@ -36,7 +46,7 @@ class Init:
 
     def report(self) -> dict:
         """What reports/train.json and the checkpoint's provenance record."""
-        return {"init_from": str(self.path), "init_sha256": self.sha256,
+        return {"init_from": str(self.path), "init_sha256": self.sha256, "init_version": registered_version(self.path),
                 "init_classes": {"kept": dict(self.kept), "new": list(self.new), "dropped": list(self.dropped)}}
 
     def log_lines(self) -> list[str]:

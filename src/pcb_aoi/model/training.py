@@ -380,4 +380,4 @@ def summary(ctx: Context, parts: Parts, progress: Progress) -> dict:
 
 def init_report(ctx: Context) -> dict:
     """Where the weights of step 0 came from: ``train.init_from``, its sha256 and the class mapping (None: scratch)."""
-    return ctx.init.report() if ctx.init else {"init_from": None, "init_sha256": None, "init_classes": None}
+    return ctx.init.report() if ctx.init else {"init_from": None, "init_sha256": None, "init_version": None, "init_classes": None}
