@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--uri", required=True, help="the DeepPCB folder (ingest.uri)")
     ap.add_argument("--board", default="77000", help="the board group left out of pretraining (default %(default)s)")
     ap.add_argument("--shots", type=int, default=50, help="images of the board that fine-tune (default %(default)s)")
+    ap.add_argument("--base", type=Path, help="a pcb-aoi checkpoint to fine-tune from instead of pretraining one (e.g. "
+                    "a cross-board fold's models/model.pt that never saw --board); the recipe's train.model must match")
+    ap.add_argument("--base-note", default="", help="what --base is, for the JSON (e.g. 'fold 20085, 60 epochs')")
     ap.add_argument("--pretrain-epochs", type=int, default=8)
     ap.add_argument("--pretrain-images", type=int, default=0,
                     help="pretrain on a seeded draw of this many images of the other boards; 0 = all of them")
@@ -133,20 +136,28 @@ def main(argv: list[str] | None = None) -> dict:
         seconds[name] = s
         return out / "model.pt", summary
 
-    base, base_run = train("pretrain", rest, args.pretrain_epochs)
+    if args.base:  # given: scored as it is, its training is not this run's
+        import hashlib
+        base = args.base.resolve()
+        base_run = {"train_seconds": None}
+        seconds["base"] = {"path": str(base), "sha256": hashlib.sha256(base.read_bytes()).hexdigest(),
+                           "note": args.base_note}
+    else:
+        base, base_run = train("pretrain", rest, args.pretrain_epochs)
     tuned, tuned_run = train("finetune", shots, args.epochs, base)
     scratch, scratch_run = train("scratch", shots, args.epochs)
     rows = {}
-    for name, path, run, epochs, imgs in (("pretrained, not fine-tuned", base, base_run, args.pretrain_epochs, rest),
+    for name, path, run, epochs, imgs in (("pretrained, not fine-tuned", base, base_run,
+                                           None if args.base else args.pretrain_epochs, [] if args.base else rest),
                                           ("fine-tuned", tuned, tuned_run, args.epochs, shots),
                                           ("from scratch", scratch, scratch_run, args.epochs, shots)):
         scores, s = timed(score, path, clean, test, args.threshold)
         rows[name] = {**scores, "train_images": len(imgs), "epochs": epochs,
-                      "train_seconds": round(run["train_seconds"], 1), "score_seconds": s}
+                      "train_seconds": None if run["train_seconds"] is None else round(run["train_seconds"], 1), "score_seconds": s}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
         "board": target[0], "pretrain_boards": sorted(set(boards) - set(target)), "shots": len(shots),
-        "pretrain_images": len(rest), "test_images": len(test), "threshold": args.threshold, "results": rows,
+        "pretrain_images": None if args.base else len(rest), "base": seconds.get("base"), "test_images": len(test), "threshold": args.threshold, "results": rows,
         "init": {k: tuned_run[k] for k in ("init_sha256", "init_classes")},
         "seconds": seconds, "precision": tuned_run["precision"], "threads": tuned_run["threads"],
         "overrides": [*PRESETS["deeppcb"], *args.set], "commit": commit,
