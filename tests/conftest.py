@@ -64,6 +64,8 @@ def copy_project(dst: Path) -> None:
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, dst / name)
     shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    # train.init_from's folder: always a dep of train (tracked by git through its README)
+    shutil.copytree(ROOT / "models/init", dst / "models/init", ignore=shutil.ignore_patterns("*.pt", "*.json"))
 
 
 def copy_plot_templates(dst: Path) -> None:

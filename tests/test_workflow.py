@@ -146,11 +146,12 @@ def test_every_console_script_and_module_command_resolves():
     """pcb-aoi-* point at functions that exist, and the README's `python -m` commands start."""
     tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+ (tomllib)")
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"pcb-aoi-review", "pcb-aoi-check-deps", "pcb-aoi-detect", "pcb-aoi-remote"}
+    assert set(scripts) == {"pcb-aoi-review", "pcb-aoi-check-deps", "pcb-aoi-detect", "pcb-aoi-remote",
+                            "pcb-aoi-registry", "pcb-aoi-collect", "pcb-aoi-report", "pcb-aoi-data-diff"}
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
     for module in ("pcb_aoi.review", "pcb_aoi.remote", "pcb_aoi.pipeline.untracked", "pcb_aoi.pipeline.deps",
-                   "pcb_aoi.edge.app"):
+                   "pcb_aoi.edge.app", "pcb_aoi.lifecycle", "pcb_aoi.report", "pcb_aoi.data.diff", "pcb_aoi.edge.collect"):
         r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.startswith("usage:"), f"python -m {module}: {r.stderr}"
