@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..evaluation.deeppcb import iou as box_iou  # numpy only: pcb_aoi.data imports no torch
 from .diff_pictures import thumbnails
 
 WORKSPACE = "workspace"
@@ -96,16 +97,6 @@ def file_md5(side: Side, *paths: str) -> str:
         if p:
             h.update(side.read(f"{side.data}/{p}") or b"")
     return h.hexdigest()
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of (N, 4) against (M, 4) xyxy boxes: (N, M). numpy, not torchvision: pcb_aoi.data imports no torch."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def match_boxes(base: pd.DataFrame, head: pd.DataFrame) -> list[tuple[str, int | None, int | None, float]]:

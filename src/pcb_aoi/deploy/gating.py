@@ -31,18 +31,9 @@ SETTINGS = ("diff_threshold", "min_size_px", "margin_px", "max_fraction")
 
 
 def _run(m: EdgeModel, pairs: measure.Pairs) -> tuple[dict, list[dict | None]]:
-    """Detections above MIN_SCORE per image id (``measure.detections``' shape) and each pair's gate record."""
-    inspector = measure.DatasetInspector(m, pairs)
-    index = {c: k for k, c in enumerate(m.classes)}
-    preds, records = {}, []
-    for image_id, image in zip(pairs.ids, pairs.tests):
-        _, test, template = inspector.load(image)
-        dets = m.detect(test, template, MIN_SCORE, name=str(image), registered=True)
-        preds[image_id] = {"boxes": np.asarray([d.box for d in dets], np.float32).reshape(-1, 4),
-                           "scores": np.asarray([d.score for d in dets], np.float32),
-                           "labels": np.asarray([index[d.cls] for d in dets], np.int64)}
-        records.append(dets.gate)
-    return preds, records
+    """Detections above MIN_SCORE per image id (``measure.detections``) and each pair's gate record."""
+    records: list[dict | None] = []
+    return measure.detections(m, pairs, MIN_SCORE, records), records
 
 
 def decide(cfg: GateConfig, model_path: str | Path, ds: Dataset, ids: list[str], split: str) -> dict:

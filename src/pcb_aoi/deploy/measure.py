@@ -133,9 +133,11 @@ def stream(model: Model, pairs: Pairs, n: int, clock: Callable[[], float] = time
     return {"fps": round(done / wall, 2), "stream_pairs": done, "wall_s": round(wall, 4)}
 
 
-def detections(model: Model, pairs: Pairs, score_threshold: float) -> dict[str, dict[str, np.ndarray]]:
+def detections(model: Model, pairs: Pairs, score_threshold: float,
+               gates: list | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Image id -> {"boxes" (N, 4) float32 xyxy px, "scores" (N,), "labels" (N,) int64}: the app's
-    detections above ``score_threshold`` on every pair once."""
+    detections above ``score_threshold`` on every pair once; ``gates``: gets each pair's gate record
+    (``runtime.Detections.gate``, None when the model runs dense)."""
     inspector = DatasetInspector(model, pairs)
     index = {c: k for k, c in enumerate(model.classes)}
     out = {}
@@ -145,4 +147,6 @@ def detections(model: Model, pairs: Pairs, score_threshold: float) -> dict[str, 
         out[image_id] = {"boxes": np.asarray([d.box for d in dets], np.float32).reshape(-1, 4),
                          "scores": np.asarray([d.score for d in dets], np.float32),
                          "labels": np.asarray([index[d.cls] for d in dets], np.int64)}
+        if gates is not None:
+            gates.append(getattr(dets, "gate", None))
     return out
