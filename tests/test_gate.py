@@ -90,7 +90,8 @@ def test_a_pair_that_differs_everywhere_runs_dense_and_says_so(models, template_
     assert [d.to_dict() for d in got] == [d.to_dict() for d in ref] and len(ref) > 0
 
 
-def detections_around_defects_match_dense(model_path, margin_px: int) -> tuple[int, int]:
+def detections_around_defects_match_dense(model_path, margin_px: int, boards: int = 2,
+                                          score: float = 0.2) -> tuple[int, int]:
     """Every dense detection that touches an injected defect is found again gated (same class, IoU >= 0.9,
     score within 0.05), on synthetic 448 px pairs (room for tiles smaller than the image); (checked, tiled).
     Called on a trained model by tests/test_pipeline.py: untrained weights score flat heat maps whose 3x3
@@ -99,8 +100,8 @@ def detections_around_defects_match_dense(model_path, margin_px: int) -> tuple[i
     gated = runtime.EdgeModel(model_path, gate="tiles")
     gated.gate.update(SYNTH | {"margin_px": margin_px})
     checked = tiled = 0
-    for s in samples(2, 448):
-        ref, got = dense.detect(s.test, s.template, 0.2), gated.detect(s.test, s.template, 0.2)
+    for s in samples(boards, 448):
+        ref, got = dense.detect(s.test, s.template, score), gated.detect(s.test, s.template, score)
         tiled += got.gate["mode"] == "tiles" and got.gate["tiles"] > 0
         rb = np.array([d.box for d in ref]).reshape(-1, 4)
         gb = np.array([d.box for d in got]).reshape(-1, 4)
