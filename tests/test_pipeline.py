@@ -72,6 +72,9 @@ def test_repro_writes_every_report(repo):
     gated = [v for v in bench["variants"] if v.get("gate") == "tiles"]
     assert sorted(v["file"] for v in gated) == sorted(["model.onnx", "model.int8.onnx"] * len(bench["providers"]))
     assert all(0 <= v["deeppcb_ap"] <= 1 for v in gated)
+    cpu = {v["file"]: v for v in dense if v["provider"] in ("CPUExecutionProvider", "torch-cpu")}  # ratios: dense rows
+    assert bench["int8_vs_fp32_speedup"] == round(cpu["model.onnx"]["ms_p50"] / cpu["model.int8.onnx"]["ms_p50"], 3)
+    assert bench["ort_vs_torch_speedup"] == round(cpu["model.pt"]["ms_p50"] / cpu["model.onnx"]["ms_p50"], 3)
     assert set(bench["gate_shipped"]) == {"model.onnx", "model.e2e.onnx", "model.int8.onnx"}
     assert {v["provider"] for v in bench["variants"][1:]} == set(bench["providers"]) >= {"CPUExecutionProvider"}
     for v in bench["variants"]:

@@ -121,7 +121,7 @@ def _run(cfg: BenchmarkConfig, inputs: Inputs, out: str | Path, threads: int, tr
     ids = test_ids(inputs.split)
     available = [k for k, name in PROVIDERS.items() if name in ort.get_available_providers()]
     variants = measure_variants(cfg, inputs, model, ckpt, ds, ids, available, threads)
-    by = {(v["file"], v["provider"]): v for v in variants}
+    by = {(v["file"], v["provider"]): v for v in variants if v.get("gate") in (None, "none")}  # the dense rows
     cpu, onnx, rows = PROVIDERS["cpu"], Path(inputs.onnx).name, ds.rows(ids[:1])
     report = {
         "threads": threads,
