@@ -7,6 +7,9 @@ the benchmark read them from here. Plain constants: torch-free, like the rest of
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 CONTRACT_KEY = "pcb_aoi_contract"  # the ONNX metadata key holding the contract
 CONTRACT_FORMAT = "pcb-aoi-onnx/1"  # its version: a runtime refuses a contract format it does not know
 
@@ -29,3 +32,16 @@ GPU_PROVIDERS = ("cuda", "tensorrt")
 # ONNX Runtime options per provider, passed when a session is made (edge.runtime.ort_session); e.g.
 # "tensorrt": {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": "trt"}.
 PROVIDER_OPTIONS: dict[str, dict[str, object]] = {}
+
+
+# The registry (pcb_aoi.lifecycle, ``pcb-aoi-registry fetch``) writes ``<model file>.registry.json`` beside
+# each file it fetches; whatever reads a model reads its version from there.
+SIDECAR = ".registry.json"
+
+
+def registered_version(path: str | Path) -> str:
+    """The registry version of the model file ``path`` (its ``SIDECAR``), else ``"unregistered"``."""
+    try:
+        return json.loads(Path(str(path) + SIDECAR).read_text()).get("version", "unregistered")
+    except (OSError, ValueError, AttributeError):
+        return "unregistered"

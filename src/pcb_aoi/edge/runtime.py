@@ -22,7 +22,7 @@ import onnxruntime as ort
 from . import gate as _gate
 from . import int8, machine
 from .contract import (CONTRACT_FORMAT, CONTRACT_KEY, INPUT, NMS_IOU, OUTPUTS, PROVIDER_OPTIONS, PROVIDERS,
-                       TOP_K)
+                       TOP_K, registered_version)
 from .preprocess import PAD_VALUES, register_template
 from .preprocess import prepare_input as _prepare
 from .preprocess import read_grey as _read_grey
@@ -237,14 +237,7 @@ class EdgeModel:
         """Where this model came from, as every result record carries it (``record.py``): the registered
         version (the sidecar ``<model>.registry.json`` written when the model was fetched from the
         registry) or ``"unregistered"``, then what the export stored in the contract (``provenance``)."""
-        sidecar = self.path.with_name(self.path.name + ".registry.json")
-        version = "unregistered"
-        if sidecar.is_file():
-            try:
-                version = json.loads(sidecar.read_text()).get("version", "unregistered")
-            except (OSError, ValueError):
-                version = "unregistered"
-        return {"version": version, **self.contract.get("provenance", {})}
+        return {"version": registered_version(self.path), **self.contract.get("provenance", {})}
 
     def register(self, test: np.ndarray, template: np.ndarray) -> np.ndarray:
         """The template moved onto ``test`` when the model was trained on registered pairs, else as given."""

@@ -23,10 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..edge.contract import SIDECAR  # suffix of the provenance file written beside a fetched model
+
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 STAGES = ("staging", "prod")  # what `promote` accepts: staging = on trial boxes, prod = every box
-SIDECAR = ".registry.json"     # suffix of the provenance file written beside a fetched model
 SEMVER = re.compile(r"^v\d+\.\d+\.\d+$")  # what GTO accepts as a version (without pre-release parts)
 
 

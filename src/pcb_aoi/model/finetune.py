@@ -9,28 +9,19 @@ the fresh network's own row, and a source class not in ``classes`` is dropped.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..data.sources import sha256_of
+from ..edge.contract import registered_version
 from ..pipeline.config import TrainConfig
 from . import checkpoint
 from .network import Detector
 
 HEAD = "cls_head.1"  # the classification head's last 1x1 convolution: output channel k = class k (network.py)
 FIX = "set train.model.{key} to the checkpoint's value or leave train.init_from empty (train from scratch)"
-
-
-def registered_version(path: Path) -> str:
-    """The registry version of a checkpoint fetched with ``pcb-aoi-registry fetch`` (its sidecar
-    ``<file>.registry.json``, ``pcb_aoi.lifecycle.registry.SIDECAR``), else ``"unregistered"``."""
-    try:
-        return json.loads(Path(str(path) + ".registry.json").read_text()).get("version", "unregistered")
-    except (OSError, ValueError):
-        return "unregistered"
 
 
 @dataclass(frozen=True)
@@ -55,14 +46,6 @@ class Init:
                 + [f"train: init_from {self.path}: class {c!r} new (fresh head row)" for c in self.new]
                 + [f"train: init_from {self.path}: class {c!r} of the source dropped (not in classes)"
                    for c in self.dropped])
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_init(cfg: TrainConfig, classes: tuple[str, ...], register_max_px: int,
@@ -106,7 +89,7 @@ def load_init(cfg: TrainConfig, classes: tuple[str, ...], register_max_px: int,
                 f"{_show(mine)} in params; {FIX.format(key=key)}")
     source = list(ckpt["classes"])
     kept = {c: source.index(c) for c in classes if c in source}
-    return Init(path, sha256(path), ckpt["model_state"], kept, tuple(c for c in classes if c not in source),
+    return Init(path, sha256_of(path), ckpt["model_state"], kept, tuple(c for c in classes if c not in source),
                 tuple(c for c in source if c not in classes))
 
 
