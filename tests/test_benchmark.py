@@ -38,9 +38,9 @@ class CountingModel(EdgeModel):
         super().__init__(*a, **kw)
         self.calls = []
 
-    def detect(self, test, template=None, score_threshold=None, name="image", registered=False):
+    def detect(self, test, template=None, score_threshold=None, name="image", registered=False, plan=None):
         self.calls.append((test.shape, template is not None, score_threshold))
-        return super().detect(test, template, score_threshold, name, registered)
+        return super().detect(test, template, score_threshold, name, registered, plan)
 
 
 def test_stream_fps_is_pairs_over_the_measured_wall_time_and_cycles_a_small_split(exported):

@@ -19,7 +19,7 @@ from pcb_aoi.pipeline.config import CLASSES, GateConfig, SynthConfig
 from test_edge import overlapping_model
 
 # The synthetic generator's smallest defects (a 4x4 px open) need a 2 px core; DeepPCB's default is 3.
-SYNTH = gate.DEFAULTS | {"mode": "tiles", "min_size_px": 2, "max_fraction": 1.0}
+SYNTH = gate.DEFAULTS | {"mode": "tiles", "min_size_px": 2, "max_fraction": 1.0, "tile_multiple": 16}
 
 
 def samples(boards=3, size=256):
@@ -27,32 +27,61 @@ def samples(boards=3, size=256):
     return [s for b in range(boards) for s in board_samples(cfg, 0, b)]
 
 
-def test_tiles_are_snapped_to_the_pad_multiple_and_merged():
+def settings(**kw):
+    return gate.DEFAULTS | {"tile_multiple": 16, "margin_px": 32, "min_size_px": 3} | kw
+
+
+def test_tiles_are_snapped_to_the_tile_multiple_and_merged_only_when_cheaper():
     test = np.full((256, 256), 255, np.uint8)
     template = test.copy()
-    test[40:50, 100:110] = 0  # one blob: cells 96..112 x 40..56 (8 px cells), margin 32, snapped to 32
-    p = gate.plan(test, template, gate.DEFAULTS | {"margin_px": 32}, 32)
-    assert p.tiles == [gate.Tile(64, 0, 160, 96)] and p.run_fraction == pytest.approx(96 * 96 / 256**2)
-    test[60:70, 150:160] = 0  # a second blob whose tile (96..192 x 0..128) overlaps the first: one union
-    p = gate.plan(test, template, gate.DEFAULTS | {"margin_px": 32}, 32)
-    assert p.tiles == [gate.Tile(64, 0, 192, 128)] and len(p.regions) == 2
+    test[40:50, 100:110] = 0  # one blob: eroded by 3 px, cells 96..112 x 40..48 (8 px), margin 32, snapped to 16
+    p = gate.plan(test, template, settings())
+    assert p.tiles == [gate.Tile(64, 0, 144, 80)] and p.run_fraction == pytest.approx(80 * 80 / 256**2)
+    assert p.tiles[0].owns == ((96, 40, 112, 48),)
+    test[50:60, 120:130] = 0  # a second blob whose tile (80..160 x 16..96) overlaps the first much: one union
+    p = gate.plan(test, template, settings())
+    assert p.tiles == [gate.Tile(64, 0, 160, 96)] and len(p.regions) == 2 and len(p.tiles[0].owns) == 2
     test[240:250, 10:20] = 0  # a third far away, clipped to the image
-    p = gate.plan(test, template, gate.DEFAULTS | {"margin_px": 32}, 32)
-    assert p.tiles == [gate.Tile(64, 0, 192, 128), gate.Tile(0, 192, 64, 256)]
+    p = gate.plan(test, template, settings())
+    assert p.tiles == [gate.Tile(64, 0, 160, 96), gate.Tile(0, 208, 64, 256)]
+    # two tiles that overlap in a corner stay apart (their union would add two empty corners) and each
+    # keeps only the detections centred on its own region
+    diag = np.full((256, 256), 255, np.uint8)
+    diag[40:50, 40:50] = 0
+    diag[110:120, 110:120] = 0
+    p = gate.plan(diag, template, settings())
+    assert p.tiles == [gate.Tile(0, 0, 80, 80), gate.Tile(64, 64, 160, 160)]
+    assert p.run_fraction == pytest.approx((80 * 80 + 96 * 96) / 256**2)
+    boxes = np.float32([[38, 38, 52, 52], [106, 106, 120, 120], [64, 64, 80, 80]])  # A, B, the shared corner
+    assert p.tiles[0].owned(boxes, gate.OWN_SLACK_PX).tolist() == [True, False, False]
+    assert p.tiles[1].owned(boxes, gate.OWN_SLACK_PX).tolist() == [False, True, False]
     line = np.full((256, 256), 255, np.uint8)
-    line[:, 128:130] = 0  # a 2 px line along a copper edge (misalignment) is noise at min_size_px 3
-    assert gate.plan(line, template, gate.DEFAULTS, 32).tiles == []
+    line[:, 128:129] = 0  # a 1 px line along a copper edge (sub-pixel misalignment) is noise at min_size_px 2
+    assert gate.plan(line, template, gate.DEFAULTS | {"tile_multiple": 16}).tiles == []
+    line[:, 129:130] = 0  # 2 px wide: a change at 2 (a thin mousebite is that thin), noise at 3
+    assert len(gate.plan(line, template, gate.DEFAULTS | {"tile_multiple": 16}).tiles) == 1
+    assert gate.plan(line, template, settings(min_size_px=3)).tiles == []
+    dots = np.full((256, 256), 255, np.uint8)
+    dots[4::24, 4::24] = 0  # 121 isolated changes: scattered, not a few defects
+    dots[5::24, 4::24] = dots[4::24, 5::24] = dots[5::24, 5::24] = 0
+    p = gate.plan(dots, template, settings(min_size_px=2, max_fraction=1.0))
+    assert p.tiles is None and f"more than {gate.MAX_REGIONS} separate changed regions" in p.why
+
+
+def test_a_contract_without_tile_multiple_tiles_at_its_pad_multiple():
+    assert gate.settings({"pad_multiple": 32})["tile_multiple"] == 32
+    assert gate.settings({"pad_multiple": 32, "tile_multiple": 16})["tile_multiple"] == 16
 
 
 def test_tiles_cover_every_injected_defect():
     n = 0
     for s in samples():
-        p = gate.plan(s.test, s.template, SYNTH, 32)
+        p = gate.plan(s.test, s.template, SYNTH)
         for d in s.defects:
             x1, y1, x2, y2 = d.box
             assert any(t.x0 <= x1 and t.y0 <= y1 and t.x1 >= x2 and t.y1 >= y2 for t in p.tiles), (d.cls, d.box)
             n += 1
-        assert all(t.x0 % 32 == 0 and t.y0 % 32 == 0 and t.x1 % 32 == 0 and t.y1 % 32 == 0 for t in p.tiles)
+        assert all(t.x0 % 16 == 0 and t.y0 % 16 == 0 and t.x1 % 16 == 0 and t.y1 % 16 == 0 for t in p.tiles)
     assert n >= 20
 
 
@@ -112,6 +141,21 @@ def detections_around_defects_match_dense(model_path, margin_px: int, boards: in
             assert ok, (ref[i], [d for d in got if iou(rb[i], np.array(d.box))[0, 0] > 0.3])
             checked += 1
     return checked, tiled
+
+
+def test_a_tile_is_its_window_of_the_whole_input_and_a_whole_image_tile_is_dense(models):
+    paths, _ = models
+    s = samples(1)[0]
+    test, template = s.test[:250, :240], s.template[:250, :240]  # not multiples of 16 or 32: padding inside tiles
+    dense, gated = runtime.EdgeModel(paths["pair"], gate="none"), runtime.EdgeModel(paths["pair"], gate="tiles")
+    whole = runtime.prepare_input(test, template, dense.contract)  # (3, 256, 256)
+    for t in (gate.Tile(0, 0, 64, 64), gate.Tile(224, 208, 256, 256), gate.Tile(96, 0, 256, 128)):
+        assert np.array_equal(runtime.tile_input(test, template, t, dense.contract), whole[:, t.y0:t.y1, t.x0:t.x1])
+    one = gate.Plan([gate.Tile(0, 0, 256, 256, ((0, 0, 240, 250),))], run_fraction=1.0)
+    ref = dense.detect(test, template, 0.2)
+    got = gated.detect(test, template, 0.2, plan=one)
+    assert [d.to_dict() for d in got] == [d.to_dict() for d in ref] and len(ref) > 0
+    assert got.gate == {"mode": "tiles", "tiles": 1, "run_fraction": 1.0}
 
 
 def test_gate_on_a_single_image_model_is_refused_naming_the_model(models, tmp_path, capsys):

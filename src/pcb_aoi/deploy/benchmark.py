@@ -148,7 +148,7 @@ def _run(cfg: BenchmarkConfig, inputs: Inputs, out: str | Path, threads: int, tr
     if cfg.peers:
         report["peers"] = peers(cfg, ds, ids, list(ckpt["classes"]), EdgeModel(inputs.onnx).contract["score_threshold"],
                                 available, threads, report.get("int8_format"),
-                                {v["provider"]: v for v in variants if v["file"] == onnx})
+                                {v["provider"]: v for v in variants if v["file"] == onnx and v.get("gate", "none") == "none"})
     x1 = torch.from_numpy(prepare_input(*load_pair(ds, rows[0]), ckpt["input_spec"]["use_template"])[None])
     report["compute"] = {"gflops": round(gflops(model, x1), 3), **sizing(model, ckpt, inputs, train_step)}
     if plots_dir:

@@ -23,6 +23,7 @@ from ..edge.contract import CONTRACT_FORMAT, CONTRACT_KEY, E2E_OUTPUTS, INPUT, M
 from ..edge.preprocess import PAD_MULTIPLE, PAD_VALUES, prepare_input, stack_padded
 from ..edge.runtime import ort_session
 from ..model import checkpoint
+from ..model.network import DOWNSAMPLING
 from ..model.inference import decode, load_pair
 from ..pipeline import provenance
 from ..pipeline.config import ExportConfig, GateConfig
@@ -49,6 +50,7 @@ def contract(ckpt: dict, score_threshold: float, end_to_end: bool, evaluate: dic
         "image": "uint8 grey (PIL convert('L')), copper dark, any size; template the same size",
         "scale": 1 / 255,
         "pad_multiple": PAD_MULTIPLE,  # pad bottom/right to a multiple of this
+        "tile_multiple": DOWNSAMPLING,  # a window cut at multiples of this computes what the whole image does
         "pad_values": list(PAD_VALUES[: len(spec["channels"])]),  # per channel, after scaling
         # > 0: move the template onto the test image first (preprocess.register_template, this search range)
         "register_max_px": int(spec.get("register_max_px", 0)),

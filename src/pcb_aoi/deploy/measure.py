@@ -33,8 +33,10 @@ class Model(Protocol):
 
     def register(self, test: np.ndarray, template: np.ndarray | None) -> np.ndarray | None: ...
 
+    def plan(self, test: np.ndarray, template: np.ndarray | None) -> object | None: ...
+
     def detect(self, test: np.ndarray, template: np.ndarray | None = None, score_threshold: float | None = None,
-               name: str = "image", registered: bool = False) -> list[Detection]: ...
+               name: str = "image", registered: bool = False, plan: object | None = None) -> list[Detection]: ...
 
 
 class TorchModel:
@@ -56,8 +58,11 @@ class TorchModel:
             return template
         return register_template(test, template, self.register_px)[0]
 
+    def plan(self, test: np.ndarray, template: np.ndarray | None) -> None:
+        return None  # the eager reference runs dense
+
     def detect(self, test: np.ndarray, template: np.ndarray | None = None, score_threshold: float | None = None,
-               name: str = "image", registered: bool = False) -> list[Detection]:
+               name: str = "image", registered: bool = False, plan: None = None) -> list[Detection]:
         thr = self.score_threshold if score_threshold is None else score_threshold
         if not registered:
             template = self.register(test, template)
@@ -111,8 +116,8 @@ def latency(model: Model, pairs: Pairs, warmup: int, runs: int) -> dict:
     inspector = DatasetInspector(model, pairs)
     ms = []
     for i, image in enumerate(pairs.cycle(warmup + runs)):
-        t0, test, template = inspector.load(image)  # t0: perf_counter before reading
-        model.detect(test, template, name=str(image), registered=True)
+        t0, test, template, plan = inspector.load(image)  # t0: perf_counter before reading
+        model.detect(test, template, name=str(image), registered=True, plan=plan)
         if i >= warmup:
             ms.append((time.perf_counter() - t0) * 1e3)
     return {"ms_p50": _percentile(ms, 50), "ms_p95": _percentile(ms, 95), "ms_p99": _percentile(ms, 99)}
@@ -142,8 +147,8 @@ def detections(model: Model, pairs: Pairs, score_threshold: float,
     index = {c: k for k, c in enumerate(model.classes)}
     out = {}
     for image_id, image in zip(pairs.ids, pairs.tests):
-        _, test, template = inspector.load(image)
-        dets = model.detect(test, template, score_threshold, name=str(image), registered=True)
+        _, test, template, plan = inspector.load(image)
+        dets = model.detect(test, template, score_threshold, name=str(image), registered=True, plan=plan)
         out[image_id] = {"boxes": np.asarray([d.box for d in dets], np.float32).reshape(-1, 4),
                          "scores": np.asarray([d.score for d in dets], np.float32),
                          "labels": np.asarray([index[d.cls] for d in dets], np.int64)}

@@ -189,8 +189,11 @@ class PeerModel:
     def register(self, test: np.ndarray, template: np.ndarray | None) -> np.ndarray | None:
         return template
 
+    def plan(self, test: np.ndarray, template: np.ndarray | None) -> None:
+        return None  # single images, dense
+
     def detect(self, test: np.ndarray, template: np.ndarray | None = None, score_threshold: float | None = None,
-               name: str = "image", registered: bool = False) -> list[Detection]:
+               name: str = "image", registered: bool = False, plan: None = None) -> list[Detection]:
         thr = self.contract["score_threshold"] if score_threshold is None else score_threshold
         out = self.session.run(None, {self.input_name: to_input(test, self.shape)})[0][0]  # (4 + nc, anchors)
         cls = out[4:]

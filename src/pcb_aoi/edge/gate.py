@@ -5,19 +5,27 @@ pair), so most of a dense forward pass looks at copper that matches the template
 where the pair differs and runs the network on tiles around those places only:
 
 1. ``changed_mask``: |test - template| > ``diff_threshold`` grey levels, then an erosion by a
-   ``min_size_px`` square (3: a pixel stays only when a 3x3 block around it all differs): the one- and
-   two-pixel lines that a local misalignment or JPEG noise leaves along copper edges go, any defect
-   with a 3x3 px core stays.
+   ``min_size_px`` square (2: a pixel stays only when a 2x2 block around it all differs): the one-pixel
+   lines that a sub-pixel misalignment or JPEG noise leaves along copper edges go, any defect with a
+   2x2 px core stays (3 also drops two-pixel lines, but DeepPCB has mousebites thinner than 3 px:
+   docs/gate.md).
 2. ``plan``: the mask's ``CELL`` x ``CELL`` cells, their 8-connected regions (boxes), each box grown
    by ``margin_px`` (the network looks that far around a defect: a detection with less context
    than that differs from the dense one; measured by ``benchmarks/gate.py``) and snapped outward
-   to the contract's ``pad_multiple``, so a tile's feature grid lines up with the dense image's and
-   its interior computes what the dense pass computes. Tiles that overlap are merged (their union,
-   again snapped) until none do. When the tiles cover more than ``max_fraction`` of the (padded)
-   image, or nothing but noise differs in a pair whose registration failed (the whole layout
-   shows in the difference), the pair runs dense: the plan says why.
+   to the contract's ``tile_multiple`` (the network's total downsampling, 16; older contracts: the
+   pad multiple), so a tile's feature grid lines up with the dense image's: it differs from the dense
+   pass only by the context cut off at its border (the receptive field of the dilated blocks at /16
+   reaches ~300 px, so no tile reproduces dense exactly; ``margin_px`` is the context accuracy needs,
+   chosen on validation). Two tiles are merged into their (snapped) union only when the union
+   costs no more pixels than the two apart: tiles that overlap a little stay apart and their overlap
+   is computed twice, which is cheaper than the corners a union adds. When the tiles cover more than
+   ``max_fraction`` of the (padded) image, the changed regions are too many (``MAX_REGIONS``), or
+   nothing but noise differs in a pair whose registration failed (the whole layout shows in the
+   difference), the pair runs dense: the plan says why.
 3. The caller (``runtime.EdgeModel``) batches the tiles of one size in one ONNX Runtime run, adds each
-   tile's offset to its boxes and merges them across tiles with the per-class NMS of the decoding.
+   tile's offset to its boxes, keeps from each tile the detections centred on the regions it was cut
+   for (``Tile.owns``: a neighbour's defect cut by the tile's border is that neighbour's tile's to
+   find, with its full context) and merges them across tiles with the per-class NMS of the decoding.
 
 numpy only, like the rest of ``pcb_aoi.edge`` (no scipy, no OpenCV needed): torch-free and light.
 """
@@ -29,18 +37,22 @@ import numpy as np
 
 MODES = ("none", "tiles")
 CELL = 8  # px: the grid on which changed regions are found (8-connected cells)
+OWN_SLACK_PX = 16  # a detection belongs to a tile when its centre lies this close to a region the tile owns
+MAX_REGIONS = 64  # more separate changed regions than this: scattered change (noise, another board), run dense
 # Defaults of the contract's "gate" block (an older model without one, or --gate tiles on it).
-DEFAULTS = {"mode": "none", "diff_threshold": 64, "min_size_px": 3, "margin_px": 48, "max_fraction": 0.5}
+DEFAULTS = {"mode": "none", "diff_threshold": 64, "min_size_px": 2, "margin_px": 32, "max_fraction": 0.5}
 
 
 @dataclass(frozen=True)
 class Tile:
-    """A window of the (padded) image: x0 y0 x1 y1 px, x0 y0 multiples of the pad multiple."""
+    """A window of the (padded) image: x0 y0 x1 y1 px, multiples of the tile multiple; ``owns``: the changed
+    regions (x0 y0 x1 y1 px) it was cut for, whose detections it reports."""
 
     x0: int
     y0: int
     x1: int
     y1: int
+    owns: tuple[tuple[int, int, int, int], ...] = field(default=(), compare=False)
 
     @property
     def area(self) -> int:
@@ -50,7 +62,16 @@ class Tile:
         return self.x0 < o.x1 and o.x0 < self.x1 and self.y0 < o.y1 and o.y0 < self.y1
 
     def union(self, o: "Tile") -> "Tile":
-        return Tile(min(self.x0, o.x0), min(self.y0, o.y0), max(self.x1, o.x1), max(self.y1, o.y1))
+        return Tile(min(self.x0, o.x0), min(self.y0, o.y0), max(self.x1, o.x1), max(self.y1, o.y1),
+                    self.owns + o.owns)
+
+    def owned(self, boxes: np.ndarray, slack: float) -> np.ndarray:
+        """(N,) bool: the (N, 4) boxes (image px) centred within ``slack`` px of a region this tile owns."""
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        keep = np.zeros(len(boxes), bool)
+        for x0, y0, x1, y1 in self.owns:
+            keep |= (cx >= x0 - slack) & (cx <= x1 + slack) & (cy >= y0 - slack) & (cy <= y1 + slack)
+        return keep
 
 
 @dataclass
@@ -71,8 +92,9 @@ class Plan:
 
 
 def settings(contract: dict, mode: str | None = None) -> dict:
-    """The model's gate settings (the contract's ``gate`` block over ``DEFAULTS``), ``mode`` overriding its mode."""
-    out = DEFAULTS | (contract.get("gate") or {})
+    """The model's gate settings (the contract's ``gate`` block over ``DEFAULTS``), ``mode`` overriding its mode,
+    and ``tile_multiple`` (the contract's, or its pad multiple for a model exported before it was written)."""
+    out = DEFAULTS | {"tile_multiple": contract.get("tile_multiple", contract["pad_multiple"])} | (contract.get("gate") or {})
     if mode is not None:
         out["mode"] = mode
     if out["mode"] not in MODES:
@@ -99,43 +121,49 @@ def erode(mask: np.ndarray, size: int) -> np.ndarray:
 def changed_mask(test: np.ndarray, template: np.ndarray, threshold: int, size: int = 3) -> np.ndarray:
     """(H, W) bool: |test - template| > ``threshold`` on a whole ``size`` x ``size`` block (its top-left pixel
     marks it): thinner lines, what a local misalignment leaves along copper edges, are noise."""
-    return erode(np.abs(test.astype(np.int16) - template.astype(np.int16)) > threshold, size)
+    return erode(np.maximum(test, template) - np.minimum(test, template) > threshold, size)  # |a - b| in uint8
 
 
 def _cells(mask: np.ndarray) -> np.ndarray:
-    """(H, W) bool -> (ceil(H / CELL), ceil(W / CELL)) bool: any pixel of the cell set."""
+    """(H, W) bool -> (ceil(H / CELL), ceil(W / CELL)) bool: any pixel of the cell set.
+
+    Each row's 8 bools of a cell are read as one 8-byte integer (non-zero: one is set), then the 8
+    rows of a cell are or-ed: ~20x faster than ``any`` over the two strided cell axes."""
     h, w = mask.shape
-    padded = np.zeros((-(-h // CELL) * CELL, -(-w // CELL) * CELL), bool)
-    padded[:h, :w] = mask
-    return padded.reshape(padded.shape[0] // CELL, CELL, padded.shape[1] // CELL, CELL).any(axis=(1, 3))
+    if h % CELL or w % CELL:
+        padded = np.zeros((-(-h // CELL) * CELL, -(-w // CELL) * CELL), bool)
+        padded[:h, :w] = mask
+        mask = padded
+    rows = np.ascontiguousarray(mask).view(np.uint8).view(np.uint64) != 0  # (H, W / 8): CELL == 8 bytes
+    return rows.reshape(rows.shape[0] // CELL, CELL, rows.shape[1]).any(axis=1)
 
 
-def regions(cells: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """Bounding boxes (c0, r0, c1, r1, in cells, exclusive end) of the 8-connected regions of ``cells``.
+def regions(cells: np.ndarray, most: int | None = None) -> list[tuple[int, int, int, int]] | None:
+    """Bounding boxes (c0, r0, c1, r1, in cells, exclusive end) of the 8-connected regions of ``cells``;
+    None as soon as there are more than ``most``.
 
     A flood fill over the set cells only: a few dozen on a registered pair; the caller falls back to
     dense before a pair with thousands of changed cells gets here."""
-    seen = np.zeros_like(cells)
-    rows, cols = cells.shape
+    left = set(zip(*(a.tolist() for a in np.nonzero(cells))))  # python ints: set lookups, not array indexing
     out = []
-    for r, c in zip(*np.nonzero(cells)):
-        if seen[r, c]:
-            continue
-        seen[r, c] = True
+    while left:
+        r, c = left.pop()
         stack, box = [(r, c)], [c, r, c + 1, r + 1]
         while stack:
             y, x = stack.pop()
             box = [min(box[0], x), min(box[1], y), max(box[2], x + 1), max(box[3], y + 1)]
-            for yy in range(max(y - 1, 0), min(y + 2, rows)):
-                for xx in range(max(x - 1, 0), min(x + 2, cols)):
-                    if cells[yy, xx] and not seen[yy, xx]:
-                        seen[yy, xx] = True
-                        stack.append((yy, xx))
-        out.append(tuple(int(v) for v in box))
-    return out
+            for n in ((y - 1, x - 1), (y - 1, x), (y - 1, x + 1), (y, x - 1), (y, x + 1),
+                      (y + 1, x - 1), (y + 1, x), (y + 1, x + 1)):
+                if n in left:
+                    left.remove(n)
+                    stack.append(n)
+        out.append(tuple(box))
+        if most is not None and len(out) > most:
+            return None
+    return sorted(out, key=lambda b: (b[1], b[0]))
 
 
-def _snap(x0: float, y0: float, x1: float, y1: float, multiple: int, w: int, h: int) -> Tile:
+def _snap(x0: float, y0: float, x1: float, y1: float, multiple: int, w: int, h: int, owns: tuple = ()) -> Tile:
     """The box grown outward to multiples of ``multiple`` and clipped to the padded image (w x h, multiples)."""
     def lo(v):
         return max(int(v) // multiple * multiple, 0)
@@ -143,30 +171,39 @@ def _snap(x0: float, y0: float, x1: float, y1: float, multiple: int, w: int, h: 
     def hi(v, limit):
         return min(-(-int(np.ceil(v)) // multiple) * multiple, limit)
 
-    return Tile(lo(x0), lo(y0), hi(x1, w), hi(y1, h))
+    return Tile(lo(x0), lo(y0), hi(x1, w), hi(y1, h), owns)
 
 
-def merge(tiles: list[Tile], multiple: int, w: int, h: int) -> list[Tile]:
-    """Tiles that overlap replaced by their union until none overlap (unions of snapped tiles stay snapped)."""
-    tiles = list(tiles)
-    merged = True
-    while merged:
-        merged = False
-        for i in range(len(tiles)):
-            for j in range(i + 1, len(tiles)):
-                if tiles[i].overlaps(tiles[j]):
-                    tiles[i] = tiles[i].union(tiles.pop(j))
-                    merged = True
-                    break
-            if merged:
-                break
-    return sorted(tiles, key=lambda t: (t.y0, t.x0))
+def merge(tiles: list[Tile]) -> list[Tile]:
+    """Tiles merged pairwise into their union while a union costs no more pixels than its two tiles apart
+    (the pair that saves most first); the rest may overlap. Unions of snapped tiles stay snapped."""
+    b = [(t.x0, t.y0, t.x1, t.y1) for t in tiles]  # plain tuples: a few dozen tiles, pairs checked in python
+    owns = [t.owns for t in tiles]
+    while True:
+        best, pick = -1, None
+        for i, (ax0, ay0, ax1, ay1) in enumerate(b):
+            area = (ax1 - ax0) * (ay1 - ay0)
+            for j in range(i + 1, len(b)):
+                bx0, by0, bx1, by1 = b[j]
+                if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:  # they overlap
+                    saved = area + (bx1 - bx0) * (by1 - by0) - (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
+                    if saved > best:
+                        best, pick = saved, (i, j)
+        if pick is None:
+            break
+        i, j = pick
+        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = b[i], b[j]
+        b[i], owns[i] = (min(ax0, bx0), min(ay0, by0), max(ax1, bx1), max(ay1, by1)), owns[i] + owns[j]
+        del b[j], owns[j]
+    return sorted((Tile(*t, o) for t, o in zip(b, owns)), key=lambda t: (t.y0, t.x0))
 
 
-def plan(test: np.ndarray, template: np.ndarray, settings: dict, pad_multiple: int) -> Plan:
-    """Where to run the network on a registered pair of (H, W) uint8 images, by the gate ``settings``."""
+def plan(test: np.ndarray, template: np.ndarray, settings: dict) -> Plan:
+    """Where to run the network on a registered pair of (H, W) uint8 images, by the gate ``settings``
+    (``settings()``: its ``tile_multiple`` divides the padded image size)."""
     h, w = test.shape
-    ph, pw = -(-h // pad_multiple) * pad_multiple, -(-w // pad_multiple) * pad_multiple
+    multiple = int(settings["tile_multiple"])
+    ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
     mask = changed_mask(test, template, int(settings["diff_threshold"]), int(settings["min_size_px"]))
     changed = float(mask.mean())
     cells = _cells(mask)
@@ -174,10 +211,15 @@ def plan(test: np.ndarray, template: np.ndarray, settings: dict, pad_multiple: i
     if cells.mean() > limit:  # most of the image differs: a failed registration, another board, a light change
         return Plan(None, f"{cells.mean():.0%} of the image differs from the template (more than "
                     f"max_fraction {limit:.0%}): registration failed or another board", changed)
-    boxes = [(c0 * CELL, r0 * CELL, min(c1 * CELL, w), min(r1 * CELL, h)) for c0, r0, c1, r1 in regions(cells)]
+    found = regions(cells, MAX_REGIONS)
+    if found is None:
+        return Plan(None, f"more than {MAX_REGIONS} separate changed regions: scattered change (noise, another "
+                    "board), not a few defects", changed)
+    boxes = [(c0 * CELL, r0 * CELL, min(c1 * CELL, w), min(r1 * CELL, h)) for c0, r0, c1, r1 in found]
     m = int(settings["margin_px"])
-    tiles = merge([_snap(x0 - m, y0 - m, x1 + m, y1 + m, pad_multiple, pw, ph) for x0, y0, x1, y1 in boxes],
-                  pad_multiple, pw, ph)
+    tiles = merge([_snap(x0 - m, y0 - m, x1 + m, y1 + m, multiple, pw, ph, ((x0, y0, x1, y1),))
+                   for x0, y0, x1, y1 in boxes])
+    # the share of the image the network computes; a pixel in two overlapping tiles is computed twice
     run = sum(t.area for t in tiles) / (pw * ph)
     if run > limit:
         return Plan(None, f"tiles would cover {run:.0%} of the image (more than max_fraction {limit:.0%})", changed,
@@ -185,9 +227,10 @@ def plan(test: np.ndarray, template: np.ndarray, settings: dict, pad_multiple: i
     return Plan(tiles, "", changed, run, boxes)
 
 
-def cut(x: np.ndarray, tiles: list[Tile]) -> dict[tuple[int, int], tuple[list[Tile], np.ndarray]]:
-    """(C, H', W') padded model input -> {(h, w): (tiles, (N, C, h, w) batch)}: one batch per tile size."""
+def cut(tiles: list[Tile], window) -> dict[tuple[int, int], tuple[list[Tile], np.ndarray]]:
+    """{(h, w): (tiles, (N, C, h, w) batch)}: one batch per tile size, ``window(tile)`` the (C, h, w) model
+    input of a tile (only the tiles' pixels are prepared, not the whole image)."""
     groups: dict[tuple[int, int], list[Tile]] = {}
     for t in tiles:
         groups.setdefault((t.y1 - t.y0, t.x1 - t.x0), []).append(t)
-    return {size: (ts, np.stack([x[:, t.y0:t.y1, t.x0:t.x1] for t in ts])) for size, ts in groups.items()}
+    return {size: (ts, np.stack([window(t) for t in ts])) for size, ts in groups.items()}

@@ -96,8 +96,10 @@ class Inspector:
             raise EdgeError(f"{image}: template {path} not found")
         return path
 
-    def load(self, image: Path) -> tuple[float, object, object]:
-        """(start time, test, registered template) of ``image``; runs in the reader thread, raises EdgeError.
+    def load(self, image: Path) -> tuple[float, object, object, object]:
+        """(start time, test, registered template, gate plan) of ``image``; runs in the reader thread, raises
+        EdgeError. The plan (``EdgeModel.plan``: where the network runs, None for dense) is made here too, so
+        the difference and tiling of the next pair overlap the network's run on this one.
 
         A template used again (``--template``: one for the whole run) is decoded once; a new one is decoded
         at the same time as the image."""
@@ -109,7 +111,8 @@ class Inspector:
         else:
             test, template = read_pair(image, path)
             self._templates = {key: template}
-        return t0, test, self.model.register(test, template)
+        template = self.model.register(test, template)
+        return t0, test, template, self.model.plan(test, template)
 
     def process_all(self, images: Iterable[Path], on_start=None) -> Iterator[dict]:
         """One record per image, in order; the next image is read while the current one is inferred.
@@ -135,9 +138,9 @@ class Inspector:
         t0 = time.perf_counter()
         review = getattr(self.args, "review", None)  # review_band.ReviewBand (--review-dir) or None
         try:
-            t0, test, template = loading.result()
+            t0, test, template, plan = loading.result()
             low = self.threshold if review is None else min(self.threshold, review.lo)  # near misses too
-            found = self.model.detect(test, template, low, name=str(image), registered=True)
+            found = self.model.detect(test, template, low, name=str(image), registered=True, plan=plan)
             dets = found if low == self.threshold else [d for d in found if review.above(d.score, self.threshold)]
             if self.args.overlay_dir:
                 write_overlay(image, dets, self.args.overlay_dir)

@@ -23,7 +23,7 @@ from . import gate as _gate
 from . import int8, machine
 from .contract import (CONTRACT_FORMAT, CONTRACT_KEY, INPUT, NMS_IOU, OUTPUTS, PROVIDER_OPTIONS, PROVIDERS,
                        TOP_K, registered_version)
-from .preprocess import PAD_VALUES, register_template
+from .preprocess import PAD_VALUES, pad_to, register_template
 from .preprocess import prepare_input as _prepare
 from .preprocess import read_grey as _read_grey
 from .preprocess import read_pair as _read_pair
@@ -58,11 +58,20 @@ def read_pair(test_path: str | Path, template_path: str | Path | None) -> tuple[
     return _read_pair(test_path, template_path, read_grey)
 
 
-def prepare_input(test: np.ndarray, template: np.ndarray | None, contract: dict) -> np.ndarray:
-    """(H, W) uint8 test (and template) -> (C, H', W') float32, H' W' multiples of ``pad_multiple``."""
+def prepare_input(test: np.ndarray, template: np.ndarray | None, contract: dict, pad_multiple: int | None = None) -> np.ndarray:
+    """(H, W) uint8 test (and template) -> (C, H', W') float32, H' W' multiples of ``pad_multiple`` (default:
+    the contract's)."""
     if tuple(contract["pad_values"]) != PAD_VALUES[: len(contract["pad_values"])]:
         raise EdgeError(f"model contract pads with {contract['pad_values']}; this app pads with {list(PAD_VALUES)}")
-    return _prepare(test, template, bool(contract["needs_template"]), contract["pad_multiple"])
+    return _prepare(test, template, bool(contract["needs_template"]), pad_multiple or contract["pad_multiple"])
+
+
+def tile_input(test: np.ndarray, template: np.ndarray, tile: _gate.Tile, contract: dict) -> np.ndarray:
+    """(C, h, w) model input of one gate tile: the values of that window of ``prepare_input``'s whole padded
+    input, computed from the tile's pixels only."""
+    h, w = test.shape
+    inside = np.s_[tile.y0:min(tile.y1, h), tile.x0:min(tile.x1, w)]
+    return pad_to(prepare_input(test[inside], template[inside], contract, 1), tile.y1 - tile.y0, tile.x1 - tile.x0)
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float) -> np.ndarray:
@@ -245,11 +254,19 @@ class EdgeModel:
             return template
         return register_template(test, template, self.register_px)[0]
 
+    def plan(self, test: np.ndarray, template: np.ndarray | None) -> _gate.Plan | None:
+        """Where the network runs on this registered pair (``gate.plan``); None when the model runs dense
+        (gate off, or no template to compare with)."""
+        if self.gate["mode"] != "tiles" or template is None or template.shape != test.shape:
+            return None
+        return _gate.plan(test, template, self.gate)
+
     def detect(self, test: np.ndarray, template: np.ndarray | None = None, score_threshold: float | None = None,
-               name: str = "image", registered: bool = False) -> list[Detection]:
+               name: str = "image", registered: bool = False, plan: _gate.Plan | None = None) -> list[Detection]:
         """Detections on one (H, W) uint8 image (and its template), score above the threshold.
 
-        ``registered``: the caller already ran ``register`` on this pair (the app does it while reading).
+        ``registered``: the caller already ran ``register`` on this pair (the app does it while reading);
+        ``plan``: the caller already ran ``plan`` on the registered pair (the app does it while reading).
         """
         thr = self.contract["score_threshold"] if score_threshold is None else score_threshold
         if self.needs_template:
@@ -261,13 +278,12 @@ class EdgeModel:
                                 f"{test.shape[1]}x{test.shape[0]} px; they must be the same size")
         if not registered:  # a model trained on registered pairs: register this one too
             template = self.register(test, template)
-        x = prepare_input(test, template, self.contract)
-        plan = _gate.plan(test, template, self.gate, self.contract["pad_multiple"]) \
-            if self.gate["mode"] == "tiles" else None
+        if plan is None:
+            plan = self.plan(test, template)
         if plan is None or plan.tiles is None:
-            boxes, scores, labels = self._run(x[None], thr)[0]
+            boxes, scores, labels = self._run(prepare_input(test, template, self.contract)[None], thr)[0]
         else:
-            boxes, scores, labels = self._run_tiles(x, plan.tiles, thr)
+            boxes, scores, labels = self._run_tiles(test, template, plan.tiles, thr)
         h, w = test.shape
         boxes = boxes.astype(np.float32).copy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
@@ -288,15 +304,19 @@ class EdgeModel:
         return [(det["boxes"], det["scores"], det["labels"])
                 for det in decode(outputs[0], outputs[1], thr, d["top_k"], d["nms_iou"])]
 
-    def _run_tiles(self, x: np.ndarray, tiles: list, thr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The network on ``tiles`` of the padded input ``x`` (one run per tile size), boxes moved to image
-        px and merged across tiles by the decoding's per-class NMS (a defect cut by two tiles is one), top-k."""
+    def _run_tiles(self, test: np.ndarray, template: np.ndarray, tiles: list,
+                   thr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The network on ``tiles`` of the registered pair (one run per tile size), boxes moved to image
+        px, each tile's kept where centred on a region it owns (``gate.Tile.owned``: a defect its border
+        cuts is another tile's), merged across tiles by the decoding's per-class NMS, top-k."""
         boxes, scores, labels = [np.zeros((0, 4), np.float32)], [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
-        for group, batch in _gate.cut(x, tiles).values():
+        for group, batch in _gate.cut(tiles, lambda t: tile_input(test, template, t, self.contract)).values():
             for t, (b, s, c) in zip(group, self._run(batch, thr)):
-                boxes.append(b.reshape(-1, 4) + np.float32([t.x0, t.y0, t.x0, t.y0]))
-                scores.append(s)
-                labels.append(c)
+                b = b.reshape(-1, 4) + np.float32([t.x0, t.y0, t.x0, t.y0])
+                own = t.owned(b, _gate.OWN_SLACK_PX)
+                boxes.append(b[own])
+                scores.append(s[own])
+                labels.append(c[own])
         b, s, c = np.concatenate(boxes).astype(np.float32), np.concatenate(scores), np.concatenate(labels).astype(np.int64)
         d = self.contract["decode"]
         kept = _nms(b, s, c, d["nms_iou"])[: d["top_k"]]

@@ -81,8 +81,8 @@ def load_init(cfg: TrainConfig, classes: tuple[str, ...], register_max_px: int,
             f"{where}: another input contract: register_max_px is {spec.get('register_max_px')} in the checkpoint, "
             f"{register_max_px} in the training data (etl.register_max_px); set etl.register_max_px to the "
             "checkpoint's value or leave train.init_from empty (train from scratch)")
-    for key in ("width", "stride", "blocks"):
-        theirs, mine = arch.get(key), getattr(cfg.model, key)
+    for key in ("width", "stride", "blocks", "dilated"):
+        theirs, mine = arch.get(key, True if key == "dilated" else None), getattr(cfg.model, key)  # older: dilated
         if (list(theirs) if key == "blocks" else theirs) != (list(mine) if key == "blocks" else mine):
             raise checkpoint.IncompatibleCheckpoint(
                 f"{where}: another architecture: train.model.{key} is {_show(theirs)} in the checkpoint, "

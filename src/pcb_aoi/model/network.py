@@ -26,6 +26,7 @@ class DetectorConfig:
     width: int = 32
     stride: int = 4
     blocks: tuple[int, int, int] = (1, 1, 2)  # residual blocks at strides 4, 8 and 16
+    dilated: bool = True  # blocks at 16 dilated 1, 2, 4, ...; False: all 1 (a smaller receptive field)
 
     def __post_init__(self):  # a checkpoint stores blocks as a list
         object.__setattr__(self, "blocks", tuple(self.blocks))
@@ -50,6 +51,11 @@ class Residual(nn.Module):
         return F.relu(x + self.body(x))
 
 
+# The deepest feature map is at /16: a window of the input whose corner and size are multiples of this
+# computes, away from its border, what the whole image computes (edge.gate's tiles rely on it).
+DOWNSAMPLING = 16
+
+
 class Detector(nn.Module):
     def __init__(self, cfg: DetectorConfig):
         super().__init__()
@@ -60,7 +66,7 @@ class Detector(nn.Module):
         self.c8 = nn.Sequential(conv_bn(2 * w, 3 * w, 2), *(Residual(3 * w) for _ in range(n8)))  # /8
         # /16 with dilated blocks (1, 2, 4, ...): defect classes differ by context (is the other side copper?).
         # Blocks here are cheap: a 640 px image is 40x40 cells at /16, against 160x160 at /4.
-        self.c16 = nn.Sequential(conv_bn(3 * w, 4 * w, 2), *(Residual(4 * w, dilation=2**i) for i in range(n16)))
+        self.c16 = nn.Sequential(conv_bn(3 * w, 4 * w, 2), *(Residual(4 * w, dilation=2**i if cfg.dilated else 1) for i in range(n16)))
         f = 2 * w  # feature width of the small FPN
         self.lat16, self.lat8, self.lat4 = nn.Conv2d(4 * w, f, 1), nn.Conv2d(3 * w, f, 1), nn.Conv2d(2 * w, f, 1)
         self.smooth = conv_bn(f, f)

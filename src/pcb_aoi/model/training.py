@@ -228,7 +228,8 @@ def initial_network(ctx: Context) -> Detector:
     weights where it has them."""
     cfg = ctx.cfg
     net = Detector(DetectorConfig(num_classes=len(ctx.classes), in_channels=3 if ctx.use_template else 1,
-                                  width=cfg.model.width, stride=cfg.model.stride, blocks=cfg.model.blocks))
+                                  width=cfg.model.width, stride=cfg.model.stride, blocks=cfg.model.blocks,
+                                  dilated=cfg.model.dilated))
     if ctx.init is not None:
         finetune.apply(net, ctx.init, ctx.classes)
     return net

@@ -210,6 +210,9 @@ class ModelConfig(Section):
     stride: Literal[4, 8] = 4  # output stride of the detection heads
     # residual blocks at strides 4, 8, 16 (deeper = more context)
     blocks: tuple[Blocks, Blocks, Blocks] = _listed((1, 1, 2))
+    # blocks at stride 16 dilated 1, 2, 4, ...: more context per block; false: all undilated, a smaller
+    # receptive field, so a tile of the image (gate: tiles) computes closer to what the whole image does
+    dilated: bool = True
 
 
 class TrainConfig(Section):
@@ -295,8 +298,8 @@ class GateConfig(Section):
     mode: Literal["none", "tiles"] = "tiles"
     max_ap_drop: Probability = 0.003  # DeepPCB AP (0..1) gated may lose against dense on validation
     diff_threshold: int = Field(64, ge=0, le=254)  # grey levels a pixel must differ by
-    min_size_px: int = Field(3, ge=1, le=16)  # a change counts where a square this wide differs entirely
-    margin_px: int = Field(48, ge=0, le=256)  # context around a changed region (the network's receptive field)
+    min_size_px: int = Field(2, ge=1, le=16)  # a change counts where a square this wide differs entirely
+    margin_px: int = Field(32, ge=0, le=256)  # context around a changed region (the network's receptive field)
     max_fraction: Probability = 0.5  # tiles covering more of the image than this: the pair runs dense
 
 
