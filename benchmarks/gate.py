@@ -1,16 +1,18 @@
 """Difference-gated inference (``pcb_aoi.edge.gate``) against dense, on DeepPCB-style pairs, in one run:
 
-- per margin in ``--margins``: the fraction of the image the network runs on, pairs that fall back to
-  dense, and how many dense detections the gated run reproduces (same class, IoU >= 0.9, score within
-  0.05): the receptive field shows as detections near a tile border that differ from dense;
+- per setting (each ``--margins`` value with each ``--max-fractions`` value, ``--set`` for the others):
+  the fraction of the image the network runs on, pairs that fall back to dense, and how many dense
+  detections the gated run reproduces (same class, IoU >= 0.9, score within 0.05): the receptive field
+  shows as detections near a tile border that differ from dense;
 - DeepPCB AP (``evaluation.deeppcb``, ``X_not/X.txt`` labels) dense and gated when the pairs have labels;
 - stream FPS (pairs / wall time through the app's read-ahead loop, ``edge.inspector.Inspector``) dense and
-  gated, side by side, alternating rounds so both see the same machine load;
-- where the time of a pair goes, ms p50 per stage: file decode, registration, difference + plan, network
-  (ONNX Runtime), decoding + NMS.
+  gated (the model's settings, or ``--stream-margin`` / ``--stream-max-fraction``), side by side,
+  alternating rounds so both see the same machine load;
+- where the time of a pair goes, ms p50 per stage, one pair at a time: file decode, registration,
+  difference + plan, network (ONNX Runtime), input + decoding + NMS.
 
     python benchmarks/gate.py --models /path/model.int8.onnx /path/model.onnx \\
-        --pairs /data/deeppcb-trainval/PCBData --limit 200 --margins 16 32 48 64 --out gate.json
+        --pairs /data/deeppcb-trainval/PCBData --limit 200 --margins 16 32 48 64 --set min_size_px=2 --out gate.json
 """
 from __future__ import annotations
 

@@ -32,7 +32,10 @@ PRESETS = {
     "deeppcb": ["ingest.source=deeppcb", "split.test_fraction=0.15", "train.epochs=160",
                 "train.crop_size=192", "train.flip_rotate=true", "train.scale_jitter=0.15",
                 "train.width_jitter=0.5", "train.model.width=16", "train.model.blocks=[1, 2, 3]",
-                "train.precision=auto", "etl.register_max_px=8", "train.template_shift=3"],
+                "train.precision=auto", "etl.register_max_px=8", "train.template_shift=3",
+                # undilated blocks at /16: a receptive field small enough for the difference gate's tiles,
+                # and percentile calibration, which its INT8 file needed (docs/gate.md)
+                "train.model.dilated=false", "quantize.calibration=percentile"],
 }
 # The same at output stride 8 (fewer GFLOPs per 640 px pair, faster on the edge box), 80 epochs.
 PRESETS["deeppcb-s8"] = ["train.epochs=80" if k.startswith("train.epochs=") else k for k in PRESETS["deeppcb"]] + [

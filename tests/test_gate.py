@@ -18,8 +18,10 @@ from pcb_aoi.pipeline.config import CLASSES, GateConfig, SynthConfig
 
 from test_edge import overlapping_model
 
-# The synthetic generator's smallest defects (a 4x4 px open) need a 2 px core; DeepPCB's default is 3.
-SYNTH = gate.DEFAULTS | {"mode": "tiles", "min_size_px": 2, "max_fraction": 1.0, "tile_multiple": 16}
+# The synthetic generator's smallest defects (a 4x4 px open cut into a 4 px trace) lie within a pixel of the
+# template's own copper edges: the default tolerance comparison (tolerance_px 1, for DeepPCB's misregistered
+# edges) does not see them (test_the_tolerance_ignores_an_edge_a_pixel_off), a plain difference does.
+SYNTH = gate.DEFAULTS | {"mode": "tiles", "tolerance_px": 0, "min_size_px": 2, "max_fraction": 1.0, "tile_multiple": 16}
 
 
 def samples(boards=3, size=256):
@@ -65,7 +67,24 @@ def test_tiles_are_snapped_to_the_tile_multiple_and_merged_only_when_cheaper():
     dots[4::24, 4::24] = 0  # 121 isolated changes: scattered, not a few defects
     dots[5::24, 4::24] = dots[4::24, 5::24] = dots[5::24, 5::24] = 0
     p = gate.plan(dots, template, settings(min_size_px=2, max_fraction=1.0))
-    assert p.tiles is None and f"more than {gate.MAX_REGIONS} separate changed regions" in p.why
+    assert p.tiles is None and f"more than {gate.MAX_REGIONS} separate regions differ" in p.why
+
+
+def test_the_tolerance_ignores_an_edge_a_pixel_off():
+    template = np.full((64, 64), 255, np.uint8)
+    template[20:40, 20:30] = 0  # a pad
+    test = np.full((64, 64), 255, np.uint8)
+    test[20:40, 21:31] = 0  # the same pad a pixel to the right: two 1 px lines of difference
+    assert gate.changed_mask(test, template, 64, 1, tolerance=0).sum() == 40
+    assert gate.changed_mask(test, template, 64, 1, tolerance=1).sum() == 0
+    test[28:32, 23:27] = 255  # a 4x4 hole inside the pad: beyond every template pixel around it
+    assert gate.changed_mask(test, template, 64, 2, tolerance=1)[28:31, 23:26].all()
+    trace = np.full((64, 64), 255, np.uint8)
+    trace[:, 30:32] = 0  # a 2 px trace
+    cut = trace.copy()
+    cut[30:34, 30:32] = 255  # an open across it: every cut pixel has bare template within a pixel
+    assert not gate.changed_mask(cut, trace, 64, 1, tolerance=1).any()
+    assert gate.changed_mask(cut, trace, 64, 2, tolerance=0).any()
 
 
 def test_a_contract_without_tile_multiple_tiles_at_its_pad_multiple():
@@ -115,7 +134,7 @@ def test_a_pair_that_differs_everywhere_runs_dense_and_says_so(models, template_
     dense, gated = runtime.EdgeModel(paths["pair"], gate="none"), runtime.EdgeModel(paths["pair"], gate="tiles")
     template = template_of(s.test)
     got, ref = gated.detect(s.test, template, 0.2), dense.detect(s.test, template, 0.2)
-    assert got.gate["mode"] == "dense" and "differs from the template" in got.gate["why"] and ref.gate is None
+    assert got.gate["mode"] == "dense" and "registration failed or another board" in got.gate["why"] and ref.gate is None
     assert [d.to_dict() for d in got] == [d.to_dict() for d in ref] and len(ref) > 0
 
 

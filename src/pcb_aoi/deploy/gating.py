@@ -27,7 +27,7 @@ from ..evaluation.deeppcb import protocol
 from ..pipeline.config import GateConfig
 from . import measure
 
-SETTINGS = ("diff_threshold", "min_size_px", "margin_px", "max_fraction")
+SETTINGS = ("diff_threshold", "tolerance_px", "min_size_px", "margin_px", "max_fraction")
 
 
 def _run(m: EdgeModel, pairs: measure.Pairs) -> tuple[dict, list[dict | None]]:

@@ -4,11 +4,14 @@ A registered DeepPCB pair is the same board almost everywhere (a handful of smal
 pair), so most of a dense forward pass looks at copper that matches the template. The gate finds
 where the pair differs and runs the network on tiles around those places only:
 
-1. ``changed_mask``: |test - template| > ``diff_threshold`` grey levels, then an erosion by a
-   ``min_size_px`` square (2: a pixel stays only when a 2x2 block around it all differs): the one-pixel
-   lines that a sub-pixel misalignment or JPEG noise leaves along copper edges go, any defect with a
-   2x2 px core stays (3 also drops two-pixel lines, but DeepPCB has mousebites thinner than 3 px:
-   docs/gate.md).
+1. ``changed_mask``: a test pixel is changed when it is more than ``diff_threshold`` grey levels darker
+   than the darkest, or brighter than the brightest, template pixel within ``tolerance_px`` of it (the
+   tolerance comparison of AOI: an edge a pixel off, what sub-pixel misregistration leaves along every
+   copper edge, is no change), then an erosion by a ``min_size_px`` square (2: a pixel stays only when
+   a 2x2 block around it all changed): any defect with a 2x2 px core stays. On DeepPCB's labelled
+   training and validation boards, tolerance 1 and size 2 keep every defect and leave tiles over about
+   a fifth of the image (without the tolerance, size 2 leaves half; size 3 loses thin mousebites):
+   docs/gate.md.
 2. ``plan``: the mask's ``CELL`` x ``CELL`` cells, their 8-connected regions (boxes), each box grown
    by ``margin_px`` (the network looks that far around a defect: a detection with less context
    than that differs from the dense one; measured by ``benchmarks/gate.py``) and snapped outward
@@ -40,7 +43,8 @@ CELL = 8  # px: the grid on which changed regions are found (8-connected cells)
 OWN_SLACK_PX = 16  # a detection belongs to a tile when its centre lies this close to a region the tile owns
 MAX_REGIONS = 64  # more separate changed regions than this: scattered change (noise, another board), run dense
 # Defaults of the contract's "gate" block (an older model without one, or --gate tiles on it).
-DEFAULTS = {"mode": "none", "diff_threshold": 64, "min_size_px": 2, "margin_px": 32, "max_fraction": 0.5}
+DEFAULTS = {"mode": "none", "diff_threshold": 64, "tolerance_px": 1, "min_size_px": 2, "margin_px": 32,
+            "max_fraction": 0.5}
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,34 @@ def erode(mask: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def changed_mask(test: np.ndarray, template: np.ndarray, threshold: int, size: int = 3) -> np.ndarray:
-    """(H, W) bool: |test - template| > ``threshold`` on a whole ``size`` x ``size`` block (its top-left pixel
-    marks it): thinner lines, what a local misalignment leaves along copper edges, are noise."""
-    return erode(np.maximum(test, template) - np.minimum(test, template) > threshold, size)  # |a - b| in uint8
+def _spread(image: np.ndarray, radius: int, pick) -> np.ndarray:
+    """(H, W) ``pick`` (np.maximum or np.minimum) of ``image`` over the (2 radius + 1)^2 square around each
+    pixel (borders: the part inside the image); separable, in the image's dtype."""
+    out = image
+    for _ in range(radius):
+        for axis in (0, 1):
+            a = out.copy()
+            if axis == 0:
+                a[1:] = pick(a[1:], out[:-1])  # the row above
+                a[:-1] = pick(a[:-1], out[1:])  # and below
+            else:
+                a[:, 1:] = pick(a[:, 1:], out[:, :-1])
+                a[:, :-1] = pick(a[:, :-1], out[:, 1:])
+            out = a
+    return out
+
+
+def changed_mask(test: np.ndarray, template: np.ndarray, threshold: int, size: int = 2,
+                 tolerance: int = 0) -> np.ndarray:
+    """(H, W) bool: ``test`` beyond ``threshold`` of every ``template`` pixel within ``tolerance`` px, on a
+    whole ``size`` x ``size`` block (its top-left pixel marks it)."""
+    if tolerance <= 0:
+        changed = np.maximum(test, template) - np.minimum(test, template) > threshold  # |a - b| in uint8
+    else:
+        t = test.astype(np.int16)
+        changed = (t > _spread(template, tolerance, np.maximum).astype(np.int16) + threshold) | \
+                  (t < _spread(template, tolerance, np.minimum).astype(np.int16) - threshold)
+    return erode(changed, size)
 
 
 def _cells(mask: np.ndarray) -> np.ndarray:
@@ -204,7 +232,8 @@ def plan(test: np.ndarray, template: np.ndarray, settings: dict) -> Plan:
     h, w = test.shape
     multiple = int(settings["tile_multiple"])
     ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
-    mask = changed_mask(test, template, int(settings["diff_threshold"]), int(settings["min_size_px"]))
+    mask = changed_mask(test, template, int(settings["diff_threshold"]), int(settings["min_size_px"]),
+                        int(settings.get("tolerance_px", 0)))
     changed = float(mask.mean())
     cells = _cells(mask)
     limit = float(settings["max_fraction"])
@@ -213,8 +242,8 @@ def plan(test: np.ndarray, template: np.ndarray, settings: dict) -> Plan:
                     f"max_fraction {limit:.0%}): registration failed or another board", changed)
     found = regions(cells, MAX_REGIONS)
     if found is None:
-        return Plan(None, f"more than {MAX_REGIONS} separate changed regions: scattered change (noise, another "
-                    "board), not a few defects", changed)
+        return Plan(None, f"more than {MAX_REGIONS} separate regions differ from the template (scattered change, "
+                    "not a few defects): registration failed or another board", changed)
     boxes = [(c0 * CELL, r0 * CELL, min(c1 * CELL, w), min(r1 * CELL, h)) for c0, r0, c1, r1 in found]
     m = int(settings["margin_px"])
     tiles = merge([_snap(x0 - m, y0 - m, x1 + m, y1 + m, multiple, pw, ph, ((x0, y0, x1, y1),))

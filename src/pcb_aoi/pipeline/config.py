@@ -298,6 +298,7 @@ class GateConfig(Section):
     mode: Literal["none", "tiles"] = "tiles"
     max_ap_drop: Probability = 0.003  # DeepPCB AP (0..1) gated may lose against dense on validation
     diff_threshold: int = Field(64, ge=0, le=254)  # grey levels a pixel must differ by
+    tolerance_px: int = Field(1, ge=0, le=4)  # a change must exceed every template pixel within this many px
     min_size_px: int = Field(2, ge=1, le=16)  # a change counts where a square this wide differs entirely
     margin_px: int = Field(32, ge=0, le=256)  # context around a changed region (the network's receptive field)
     max_fraction: Probability = 0.5  # tiles covering more of the image than this: the pair runs dense
