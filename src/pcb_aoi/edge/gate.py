@@ -62,13 +62,6 @@ class Tile:
     def area(self) -> int:
         return (self.x1 - self.x0) * (self.y1 - self.y0)
 
-    def overlaps(self, o: "Tile") -> bool:
-        return self.x0 < o.x1 and o.x0 < self.x1 and self.y0 < o.y1 and o.y0 < self.y1
-
-    def union(self, o: "Tile") -> "Tile":
-        return Tile(min(self.x0, o.x0), min(self.y0, o.y0), max(self.x1, o.x1), max(self.y1, o.y1),
-                    self.owns + o.owns)
-
     def owned(self, boxes: np.ndarray, slack: float) -> np.ndarray:
         """(N,) bool: the (N, 4) boxes (image px) centred within ``slack`` px of a region this tile owns."""
         cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
@@ -237,8 +230,9 @@ def plan(test: np.ndarray, template: np.ndarray, settings: dict) -> Plan:
     changed = float(mask.mean())
     cells = _cells(mask)
     limit = float(settings["max_fraction"])
-    if cells.mean() > limit:  # most of the image differs: a failed registration, another board, a light change
-        return Plan(None, f"{cells.mean():.0%} of the image differs from the template (more than "
+    share = float(cells.mean())
+    if share > limit:  # most of the image differs: a failed registration, another board, a light change
+        return Plan(None, f"{share:.0%} of the image differs from the template (more than "
                     f"max_fraction {limit:.0%}): registration failed or another board", changed)
     found = regions(cells, MAX_REGIONS)
     if found is None:
