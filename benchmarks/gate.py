@@ -5,9 +5,9 @@
   detections the gated run reproduces (same class, IoU >= 0.9, score within 0.05): the receptive field
   shows as detections near a tile border that differ from dense;
 - DeepPCB AP (``evaluation.deeppcb``, ``X_not/X.txt`` labels) dense and gated when the pairs have labels;
-- stream FPS (pairs / wall time through the app's read-ahead loop, ``edge.inspector.Inspector``) dense and
-  gated (the model's settings, or ``--stream-margin`` / ``--stream-max-fraction``), side by side,
-  alternating rounds so both see the same machine load;
+- stream FPS (pairs / wall time through the app's loop, ``edge.inspector.Inspector``, for each ``--workers``
+  value) dense and gated (the model's settings, or ``--stream-margin`` / ``--stream-max-fraction``), side
+  by side, alternating rounds so all see the same machine load;
 - where the time of a pair goes, ms p50 per stage, one pair at a time: file decode, registration,
   difference + plan, network (ONNX Runtime), input + decoding + NMS.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -116,11 +117,11 @@ def profile(m: EdgeModel, pairs, thr: float) -> dict:
                     [round(float(v), 2) for v in ms]))
 
 
-def stream_fps(m: EdgeModel, pairs, n: int) -> float:
-    args = argparse.Namespace(template=None, template_dir=None, score=None, overlay_dir=None)
+def stream_fps(inspector: Inspector, pairs, n: int) -> float:
+    """Pairs / wall time through the app's loop (``Inspector.process_all``, workers already started)."""
     tests = [pairs[i % len(pairs)][0] for i in range(n)]
     t0 = time.perf_counter()
-    done = sum(r["status"] == "ok" for r in Inspector(m, args).process_all(tests))
+    done = sum(r["status"] == "ok" for r in inspector.process_all(tests))
     return done / (time.perf_counter() - t0)
 
 
@@ -141,14 +142,18 @@ def main() -> None:
     ap.add_argument("--stream-margin", type=int, default=None, help="margin of the timed gated runs (default: the model's)")
     ap.add_argument("--stream-max-fraction", type=float, default=None, help="max_fraction of the timed gated runs")
     ap.add_argument("--rounds", type=int, default=3, help="alternating dense / gated stream rounds")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores, or cores / workers)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="the app's worker processes in the stream "
+                    "runs (pcb-aoi-detect --workers; 1: one process with a reader thread); several values are "
+                    "timed side by side")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     pairs = find_pairs(a.pairs, a.limit)
     if not pairs:
         raise SystemExit(f"{a.pairs}: no X_test.* / X_temp.* image pairs")
     gt = {str(t): labels(lab) for t, _, lab in pairs if lab is not None}
-    report = {"machine": machine.describe(), "cpu_count": os.cpu_count(), "pairs": len(pairs),
+    report = {"command": "python " + " ".join(sys.argv), "load_average_before": list(os.getloadavg()),
+              "machine": machine.describe(), "cpu_count": os.cpu_count(), "pairs": len(pairs),
               "image_size": list(read_pair(*pairs[0][:2])[0].shape[::-1]), "models": {}}
     for path in a.models:
         dense, gated = EdgeModel(path, threads=a.threads, gate="none"), EdgeModel(path, threads=a.threads, gate="tiles")
@@ -192,15 +197,25 @@ def main() -> None:
                                 if v is not None}
         res["timed_gate_settings"] = dict(gated.gate)
         res["profile_ms_p50"] = {"dense": profile(dense, pairs[:50], thr), "gated": profile(gated, pairs[:50], thr)}
-        fps = {"dense": [], "gated": []}
-        stream_fps(dense, pairs, 10), stream_fps(gated, pairs, 10)  # warm up
-        for _ in range(a.rounds):
-            fps["dense"].append(stream_fps(dense, pairs, a.stream_pairs))
-            fps["gated"].append(stream_fps(gated, pairs, a.stream_pairs))
-        res["stream_fps"] = {k: {"median": round(float(np.median(v)), 2), "runs": [round(x, 2) for x in v]}
-                             for k, v in fps.items()}
-        res["stream_speedup"] = round(res["stream_fps"]["gated"]["median"] / res["stream_fps"]["dense"]["median"], 3)
-        print(path.name, res["profile_ms_p50"], res["stream_fps"], flush=True)
+        args = argparse.Namespace(template=None, template_dir=None, score=None, overlay_dir=None)
+        apps = {(w, mode): Inspector(m, args, w) for w in a.workers for mode, m in (("dense", dense), ("gated", gated))}
+        fps = {k: [] for k in apps}
+        try:
+            for app in apps.values():
+                stream_fps(app, pairs, 10)  # start the workers, warm up
+            for _ in range(a.rounds):  # alternating: every setting sees the same machine load
+                for k, app in apps.items():
+                    fps[k].append(stream_fps(app, pairs, a.stream_pairs))
+        finally:
+            for app in apps.values():
+                app.close()
+        res["stream"] = {}
+        for w in a.workers:
+            row = {mode: {"median": round(float(np.median(fps[w, mode])), 2), "runs": [round(x, 2) for x in fps[w, mode]]}
+                   for mode in ("dense", "gated")}
+            row["gated_vs_dense"] = round(row["gated"]["median"] / row["dense"]["median"], 3)
+            res["stream"][f"workers={w}"] = row
+        print(path.name, res["profile_ms_p50"], res["stream"], flush=True)
         report["models"][path.name] = res
     if a.out:
         a.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -65,7 +65,8 @@ def check_size(m: EdgeModel, h: int, w: int) -> None:
 
 
 def timed(model, pairs: measure.Pairs, a: argparse.Namespace) -> dict:
-    return {**measure.latency(model, pairs, a.warmup, a.runs), **measure.stream(model, pairs, a.stream)}
+    workers = a.workers if hasattr(model, "worker_spec") else 1  # PyTorch: in one process
+    return {**measure.latency(model, pairs, a.warmup, a.runs), **measure.stream(model, pairs, a.stream, workers=workers)}
 
 
 def ours(a: argparse.Namespace, pairs: measure.Pairs, threads: int, h: int, w: int) -> tuple[list[dict], dict]:
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--runs", type=int, default=50, help="pairs timed one at a time")
     ap.add_argument("--stream", type=int, default=100, help="pairs in the read-ahead stream")
+    ap.add_argument("--workers", type=int, default=1, help="the app's worker processes in the stream "
+                    "(pcb-aoi-detect --workers; the threads split among them); PyTorch streams in one process")
     a = ap.parse_args(argv)
     names = a.peers if a.peers is not None else (sorted(peer.PEERS) if importlib.util.find_spec("ultralytics") else [])
     if a.peers is None and not names:
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             files = peer.build_all(tuple(names), tmp, peer.export_size(h, w), len(contract["classes"]),
                                    [read_grey(t) for t in pairs.tests[:CALIBRATION_IMAGES]], fmt)
             for r in peer.time_all(files, pairs, contract["classes"], contract["score_threshold"], a.warmup,
-                                   a.runs, a.stream, threads, ["cpu"], fmt):
+                                   a.runs, a.stream, threads, ["cpu"], fmt, a.workers):
                 rows.append({"name": r.pop("peer"), **r})
     ref = next(r for r in rows if r["file"] == "model.onnx")
     for r in rows:
@@ -144,7 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
               "score_threshold": contract["score_threshold"],
               "load_average_before": [round(x, 2) for x in load_before],
               "load_average_after": [round(x, 2) for x in os.getloadavg()], "seconds": round(time.time() - t0, 1),
-              "fps_measured_as": "pairs / wall time of the edge app's read-ahead loop over --stream pairs (cycled); "
+              "workers": a.workers,
+              "fps_measured_as": "pairs / wall time of the edge app's loop over --stream pairs (cycled; --workers "
+                                 "processes, or one with its read-ahead thread); "
                                  "ms_p50/p95/p99: one pair at a time, file decoding included",
               "rows": rows}
     print(f"{report['cpu']}, {threads} threads, {len(pairs.tests)} pairs {w}x{h}, load average "

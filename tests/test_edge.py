@@ -1,4 +1,5 @@
 """The torch-free edge app: same detections as the PyTorch pipeline, CLI and folder mode on real files."""
+import argparse
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pcb_aoi
 from pcb_aoi.data.dataset import Dataset
 from pcb_aoi.deploy import export
 from pcb_aoi.edge import app, runtime
+from pcb_aoi.edge.inspector import Inspector
 from pcb_aoi.edge.preprocess import register_template
 from pcb_aoi.model import checkpoint
 from pcb_aoi.model.inference import load_pair, predict, prepare_input, torch_runner
@@ -116,7 +118,7 @@ for name in pcb_aoi.edge.__all__:  # and every name it exports, and the top-leve
 pcb_aoi.load_model, pcb_aoi.detect
 from pcb_aoi.edge.app import main
 rc = main(sys.argv[1:])
-extra = sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {ALLOWED} - {'__main__', '_distutils_hack'})
+extra = sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {ALLOWED} - {'__main__', '__mp_main__', '_distutils_hack'})
 if extra:
     print(f'edge app imported modules outside numpy/onnxruntime/PIL: {extra}', file=sys.stderr)
     sys.exit(99)
@@ -184,6 +186,9 @@ def test_cli_on_good_corrupt_and_missing_files_without_torch(models, no_torch_en
     recs = {Path(x["file"]).name: x for x in read_jsonl(tmp_path / "out.jsonl")}
     assert list(recs) == [p.name for p in images]
     assert "not a readable image" in recs["bad_test.png"]["error"]
+    r = detect(no_torch_env, "--model", e2e_path, *images, "--out", tmp_path / "out2.jsonl", "--workers", "2")
+    assert r.returncode == 1 and "3 of 5 image(s) failed" in r.stderr, r.stderr  # worker processes: the same records
+    assert without_ms(read_jsonl(tmp_path / "out2.jsonl")) == without_ms(recs.values())
     assert "image not found" in recs["missing_test.png"]["error"]
     assert "lonely.png: no template" in recs["lonely.png"]["error"]
     ref = predict(torch_runner(model), ds, [r.image_id for r in rows], True, batch_size=1, score_threshold=0.3)
@@ -200,6 +205,40 @@ def test_cli_on_good_corrupt_and_missing_files_without_torch(models, no_torch_en
     assert r.returncode == 0, r.stderr
     dets = json.loads(r.stdout)["detections"]
     assert 0 < len(dets) < len(recs["g0_test.png"]["detections"]) and min(d["score"] for d in dets) > median
+
+
+def without_ms(records) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "ms"} for r in records]
+
+
+def test_worker_processes_give_the_records_of_one_process_in_order(models, tmp_path):
+    _, raw, _, ds = models
+    for i, row in enumerate(ds.rows(ds.images.image_id[:3])):
+        drop_pair(ds, row, tmp_path, f"g{i}")
+    (tmp_path / "bad_test.png").write_bytes(b"not an image")
+    (tmp_path / "bad_temp.png").write_bytes((tmp_path / "g0_temp.png").read_bytes())
+    images = [tmp_path / n for n in ("g0_test.png", "bad_test.png", "g1_test.png", "gone_test.png", "g2_test.png")] * 2
+    args = argparse.Namespace(template=None, template_dir=None, score=None, overlay_dir=None)
+    model = runtime.EdgeModel(raw, gate="tiles")
+    model.gate.update(margin_px=48, max_fraction=1.0)  # the parent's settings reach the workers (records show the tiles)
+    one = without_ms(Inspector(model, args).process_all(images))
+    assert [r["status"] for r in one[:5]] == ["ok", "error", "ok", "error", "ok"]
+    assert {r["gate"]["mode"] for r in one if r["status"] == "ok"} == {"tiles"}
+    with Inspector(model, args, workers=2) as app:
+        started = []
+        assert without_ms(app.process_all(images, on_start=started.append)) == one
+        assert started == images
+        records = app.process_all(images)
+        assert without_ms([next(records)]) == one[:1]
+        records.close()  # stopped early: the answers still on their way are read and dropped
+        assert without_ms(app.process_all(images[2:5])) == one[2:5]  # the pipes are still in step
+        for proc in app._pool.procs:
+            proc.kill()
+            proc.join()
+        with pytest.raises(runtime.EdgeError, match="g0_test.png: a worker process stopped"):
+            list(app.process_all(images))
+        assert app._pool is None
+        assert without_ms(app.process_all(images[:2])) == one[:2]  # new workers on the next call
 
 
 def test_cli_converts_rgb_pads_odd_sizes_and_refuses_mismatched_templates(models, no_torch_env, tmp_path):

@@ -224,3 +224,31 @@ def test_the_decision_on_validation_reaches_the_contract(models, tmp_path):
     assert off["mode"] == "none" and off["decided_on"]["why"] == "gate.mode: none"
     single = gating.decide(GateConfig(), paths["single"], ds, ids, "val")
     assert single["mode"] == "none" and "single images" in single["decided_on"]["why"]
+
+
+def test_the_changed_mask_is_the_tolerance_comparison_written_plainly():
+    """changed_mask (uint8 without overflow, the row pass on the flat image) against loops over the window."""
+    def plain(test, template, thr, size, tol):
+        h, w = test.shape
+        t, m = test.astype(int), template.astype(int)
+        changed = np.zeros((h, w), bool)
+        for y in range(h):
+            for x in range(w):
+                win = m[max(y - tol, 0):y + tol + 1, max(x - tol, 0):x + tol + 1]
+                changed[y, x] = t[y, x] > win.max() + thr or t[y, x] < win.min() - thr
+        out = np.zeros((h, w), bool)
+        for y in range(h - size + 1):
+            for x in range(w - size + 1):
+                out[y, x] = changed[y:y + size, x:x + size].all()
+        return out
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 9), (9, 1), (2, 2), (13, 17), (24, 8)]:
+        for thr, size, tol in [(0, 1, 0), (64, 2, 1), (200, 1, 1), (255, 2, 0), (30, 3, 2)]:
+            test = rng.integers(0, 256, shape).astype(np.uint8)
+            template = np.where(rng.random(shape) < 0.5, test, rng.integers(0, 256, shape)).astype(np.uint8)
+            assert np.array_equal(gate.changed_mask(test, template, thr, size, tol), plain(test, template, thr, size, tol)), \
+                (shape, thr, size, tol)
+    with pytest.raises(ValueError, match="diff_threshold 300"):
+        gate.changed_mask(test, template, 300)
+

@@ -93,3 +93,48 @@ def test_registration_never_moves_further_than_allowed_and_leaves_tiny_images_al
     assert max(abs(dx), abs(dy)) <= 4
     small = np.zeros((24, 24), np.uint8)
     assert register_template(small, small, 8) == (small, (0, 0))
+
+
+def plain_search(test, template, max_px):
+    """registration_shift's coarse-to-fine search written plainly: int64 sums over strided slices."""
+    def half(x):
+        h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
+        return x[:h, :w].astype(np.int64).reshape(h // 2, 2, w // 2, 2).sum(axis=(1, 3))
+
+    def best(a, b, m, step, shifts):
+        h, w = a.shape
+        return min((np.abs(a[m:h - m:step, m:w - m:step] - b[m - dy:h - m - dy:step, m - dx:w - m - dx:step]).sum(),
+                    dx, dy) for dx, dy in shifts)[1:]
+
+    t1, m1 = test.astype(np.int64), template.astype(np.int64)
+    t2, m2 = half(t1), half(m1)
+    t4, m4 = half(t2), half(m2)
+    r = -(-max_px // 4)
+    if max_px <= 0 or min(t4.shape) <= 4 * (r + 2):
+        return 0, 0
+    cx, cy = best(t4, m4, r + 1, 1, [(dx, dy) for dy in range(-r, r + 1) for dx in range(-r, r + 1)])
+    for a, b, m, step in ((t2, m2, 2 * r + 2, 1), (t1, m1, 4 * r + 4, 2)):
+        cx, cy = best(a, b, m, step, [(dx, dy) for dy in range(2 * cy - 1, 2 * cy + 2) for dx in range(2 * cx - 1, 2 * cx + 2)])
+    return (cx, cy) if max(abs(cx), abs(cy)) <= max_px else (0, 0)
+
+
+def test_registration_search_is_the_plain_search_on_random_and_odd_sized_pairs():
+    """The fast search (2x2 sums on wide integers, the full-scale step on parity planes, int32 sums) picks
+    exactly the shift of the plain one, ties included."""
+    from pcb_aoi.edge.preprocess import _half
+    rng = np.random.default_rng(1)
+    for shape in [(64, 64), (65, 63), (3, 5), (1, 7)]:
+        x = rng.integers(0, 256, shape).astype(np.uint8)
+        h, w = shape[0] // 2 * 2, shape[1] // 2 * 2
+        plain = x[:h, :w].astype(np.int64).reshape(h // 2, 2, w // 2, 2).sum(axis=(1, 3))
+        assert _half(x).dtype == np.uint16 and np.array_equal(_half(x), plain)
+        assert np.array_equal(_half(_half(x)), plain[:h // 4 * 2, :w // 4 * 2].reshape(h // 4, 2, w // 4, 2).sum(axis=(1, 3)))
+    for dx, dy, h, w in [(3, -5, 256, 256), (-7, 2, 201, 187), (0, 0, 130, 256), (6, 6, 97, 99)]:
+        test, moved, _ = _board_pair(dx, dy, seed=abs(dx * dy))
+        test, moved = test[:h, :w], moved[:h, :w]
+        for max_px in (3, 8, 13):
+            assert registration_shift(test, moved, max_px) == plain_search(test, moved, max_px), (dx, dy, h, w, max_px)
+    flat = np.full((120, 120), 200, np.uint8)  # every shift ties: the smallest (dx, dy) wins in both
+    assert registration_shift(flat, flat, 8) == plain_search(flat, flat, 8)
+    a, b = rng.integers(0, 256, (2, 150, 170)).astype(np.uint8)  # unrelated images: some shift, the same one
+    assert registration_shift(a, b, 8) == plain_search(a, b, 8)

@@ -304,7 +304,7 @@ import sys
 from pcb_aoi.report.cli import main
 rc = main(sys.argv[1:4] + ["--out", sys.argv[4]]) or main(["evaluate", "--reports", sys.argv[5], "--out", sys.argv[6]])
 extra = sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)
-               - {'numpy', 'onnxruntime', 'PIL', 'pcb_aoi', '__main__', '_distutils_hack'})
+               - {'numpy', 'onnxruntime', 'PIL', 'pcb_aoi', '__main__', '__mp_main__', '_distutils_hack'})
 print(extra)
 sys.exit(rc or (99 if extra else 0))
 """

@@ -98,8 +98,9 @@ class Pairs:
 class DatasetInspector(Inspector):
     """The app's inspection loop, templates taken from the dataset's manifest instead of file names."""
 
-    def __init__(self, model: Model, pairs: Pairs, score: float | None = None):
-        super().__init__(model, argparse.Namespace(template=None, template_dir=None, score=score, overlay_dir=None))
+    def __init__(self, model: Model, pairs: Pairs, score: float | None = None, workers: int = 1):
+        super().__init__(model, argparse.Namespace(template=None, template_dir=None, score=score, overlay_dir=None),
+                         workers)
         self.pairs = pairs
 
     def template_path(self, image: Path) -> Path | None:
@@ -123,19 +124,25 @@ def latency(model: Model, pairs: Pairs, warmup: int, runs: int) -> dict:
     return {"ms_p50": _percentile(ms, 50), "ms_p95": _percentile(ms, 95), "ms_p99": _percentile(ms, 99)}
 
 
-def stream(model: Model, pairs: Pairs, n: int, clock: Callable[[], float] = time.perf_counter) -> dict:
+def stream(model: Model, pairs: Pairs, n: int, clock: Callable[[], float] = time.perf_counter,
+           workers: int = 1) -> dict:
     """Throughput as the app runs many files: ``Inspector.process_all`` over ``n`` pairs (the test pairs
-    cycled), the next pair decoded while the model runs. ``fps`` = pairs / wall time from the first read
-    to the last result; warm the model up first (``latency`` does)."""
-    inspector = DatasetInspector(model, pairs)
-    t0 = clock()
-    done = 0
-    for record in inspector.process_all(pairs.cycle(n)):
-        if record["status"] != "ok":
-            raise EdgeError(f"{record['file']}: {record['error']}")
-        done += 1
-    wall = clock() - t0
-    return {"fps": round(done / wall, 2), "stream_pairs": done, "wall_s": round(wall, 4)}
+    cycled), the next pair decoded while the model runs, or ``workers`` worker processes (started and
+    warmed up on a few pairs before the clock starts; ``pcb-aoi-detect --workers``). ``fps`` = pairs / wall
+    time from the first read to the last result; warm the model up first (``latency`` does)."""
+    with DatasetInspector(model, pairs, workers=workers) as inspector:
+        if workers > 1:
+            for _ in inspector.process_all(pairs.cycle(2 * workers)):
+                pass
+        t0 = clock()
+        done = 0
+        for record in inspector.process_all(pairs.cycle(n)):
+            if record["status"] != "ok":
+                raise EdgeError(f"{record['file']}: {record['error']}")
+            done += 1
+        wall = clock() - t0
+    out = {"fps": round(done / wall, 2), "stream_pairs": done, "wall_s": round(wall, 4)}
+    return out | ({"workers": workers} if workers > 1 else {})
 
 
 def detections(model: Model, pairs: Pairs, score_threshold: float,

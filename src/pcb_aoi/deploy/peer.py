@@ -177,11 +177,16 @@ class PeerModel:
     def __init__(self, path: str | Path, classes: list[str], score_threshold: float, threads: int = 0,
                  provider: str = "cpu"):
         self.path, self.classes = Path(path), list(classes)
+        self.options = {"threads": threads, "provider": provider}
         self.session = ort_session(path, threads, provider, spin=False, quiet=True)  # as EdgeModel opens it
         inp = self.session.get_inputs()[0]
         self.input_name, self.shape = inp.name, (int(inp.shape[2]), int(inp.shape[3]))
         self.contract = {"score_threshold": score_threshold}
         self.candidates: list[int] = []  # boxes above the threshold per call, before NMS
+
+    def worker_spec(self, threads: int) -> tuple:
+        """How a worker process of the app's loop loads this peer again (``edge.inspector``)."""
+        return type(self), (self.path, self.classes, self.contract["score_threshold"]), self.options | {"threads": threads}
 
     def provenance(self) -> dict:
         return {"version": "unregistered", "peer": self.path.stem}
@@ -232,15 +237,17 @@ def build_all(names: tuple[str, ...], out_dir: str | Path, imgsz: tuple[int, int
 
 def time_all(files: dict[str, tuple[Path, Path]], pairs: Pairs, classes: list[str], threshold: float,
             warmup: int, runs: int, stream_pairs: int, threads: int, providers: list[str],
-            int8_format: str) -> list[dict]:
+            int8_format: str, workers: int = 1) -> list[dict]:
     """One row per peer, precision and provider (keys of ``edge.contract.PROVIDERS``): ``deploy.measure``'s
-    latency p50/p95/p99 and stream fps, as the project's variants are timed."""
+    latency p50/p95/p99 and stream fps (the app's loop with ``workers`` processes), as the project's
+    variants are timed."""
     rows = []
     for key in providers:
         for name, (fp32, int8) in files.items():
             for fmt, path in (("fp32", fp32), ("int8", int8)):
                 model = PeerModel(path, classes, threshold, threads, key)
-                timing = {**measure.latency(model, pairs, warmup, runs), **measure.stream(model, pairs, stream_pairs)}
+                timing = {**measure.latency(model, pairs, warmup, runs),
+                          **measure.stream(model, pairs, stream_pairs, workers=workers)}
                 rows.append({"peer": name, "file": Path(path).name, "runtime": "onnxruntime", "format": fmt,
                              "int8_format": int8_format if fmt == "int8" else None, "provider": PROVIDERS[key],
                              "decode": "numpy", "input_size": [model.shape[1], model.shape[0]],

@@ -101,47 +101,64 @@ def settings(contract: dict, mode: str | None = None) -> dict:
 
 def erode(mask: np.ndarray, size: int) -> np.ndarray:
     """(H, W) bool: True where the ``size`` x ``size`` block starting at the pixel is all True (separable)."""
-    out = mask
-    for axis in (0, 1):
-        run = out.copy()
-        for k in range(1, size):
-            if axis == 0:
-                run[:-k] &= out[k:]
-                run[-k:] = False
-            else:
-                run[:, :-k] &= out[:, k:]
-                run[:, -k:] = False
-        out = run
+    h, w = mask.shape
+    rows = mask.copy()
+    for k in range(1, min(size, h)):
+        rows[:-k] &= mask[k:]
+    rows[max(h - size + 1, 0):] = False
+    out = rows.copy()
+    flat, src = out.reshape(-1), rows.reshape(-1)  # along each row on the flat image: one long contiguous run
+    for k in range(1, min(size, w)):
+        flat[:-k] &= src[k:]  # the last k columns read the next row's first pixels; cleared below
+    out[:, max(w - size + 1, 0):] = False
     return out
 
 
 def _spread(image: np.ndarray, radius: int, pick) -> np.ndarray:
     """(H, W) ``pick`` (np.maximum or np.minimum) of ``image`` over the (2 radius + 1)^2 square around each
-    pixel (borders: the part inside the image); separable, in the image's dtype."""
+    pixel (borders: the part inside the image); separable, in the image's dtype.
+
+    The pass along rows runs on the flattened image (contiguous, about 3x faster than column slices);
+    the first and last columns, which met the neighbouring rows' ends there, are then computed apart."""
     out = image
+    h, w = image.shape
     for _ in range(radius):
-        for axis in (0, 1):
-            a = out.copy()
-            if axis == 0:
-                a[1:] = pick(a[1:], out[:-1])  # the row above
-                a[:-1] = pick(a[:-1], out[1:])  # and below
-            else:
-                a[:, 1:] = pick(a[:, 1:], out[:, :-1])
-                a[:, :-1] = pick(a[:, :-1], out[:, 1:])
-            out = a
+        rows = out.copy()
+        pick(rows[1:], out[:-1], out=rows[1:])  # the row above
+        pick(rows[:-1], out[1:], out=rows[:-1])  # and below (``out`` unchanged: no pixel counts twice)
+        if w < 2:
+            out = rows
+            continue
+        out = rows.copy()
+        flat, src = out.reshape(-1), rows.reshape(-1)
+        pick(flat[1:], src[:-1], out=flat[1:])
+        pick(flat[:-1], src[1:], out=flat[:-1])
+        out[:, 0] = pick(rows[:, 0], rows[:, 1])
+        out[:, -1] = pick(rows[:, -1], rows[:, -2])
     return out
 
 
 def changed_mask(test: np.ndarray, template: np.ndarray, threshold: int, size: int = 2,
                  tolerance: int = 0) -> np.ndarray:
     """(H, W) bool: ``test`` beyond ``threshold`` of every ``template`` pixel within ``tolerance`` px, on a
-    whole ``size`` x ``size`` block (its top-left pixel marks it)."""
+    whole ``size`` x ``size`` block (its top-left pixel marks it).
+
+    In uint8 and without a scalar maximum (slow in numpy): ``test > hi + threshold`` is
+    ``test >= threshold and test - threshold > hi``, ``test < lo - threshold`` is ``lo >= threshold and
+    test < lo - threshold``, each subtraction exact where its condition holds."""
+    if not 0 <= threshold <= 255:
+        raise ValueError(f"gate diff_threshold {threshold}: must be 0..255 grey levels")
+    thr = np.uint8(threshold)
+    test = np.ascontiguousarray(test)
     if tolerance <= 0:
-        changed = np.maximum(test, template) - np.minimum(test, template) > threshold  # |a - b| in uint8
+        hi = lo = np.ascontiguousarray(template)
     else:
-        t = test.astype(np.int16)
-        changed = (t > _spread(template, tolerance, np.maximum).astype(np.int16) + threshold) | \
-                  (t < _spread(template, tolerance, np.minimum).astype(np.int16) - threshold)
+        hi, lo = _spread(template, tolerance, np.maximum), _spread(template, tolerance, np.minimum)
+    changed = (test - thr) > hi  # wraps below zero where test < threshold: masked next
+    changed &= test >= thr
+    below = test < (lo - thr)
+    below &= lo >= thr
+    changed |= below
     return erode(changed, size)
 
 
@@ -227,10 +244,10 @@ def plan(test: np.ndarray, template: np.ndarray, settings: dict) -> Plan:
     ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
     mask = changed_mask(test, template, int(settings["diff_threshold"]), int(settings["min_size_px"]),
                         int(settings.get("tolerance_px", 0)))
-    changed = float(mask.mean())
+    changed = np.count_nonzero(mask) / mask.size
     cells = _cells(mask)
     limit = float(settings["max_fraction"])
-    share = float(cells.mean())
+    share = np.count_nonzero(cells) / cells.size
     if share > limit:  # most of the image differs: a failed registration, another board, a light change
         return Plan(None, f"{share:.0%} of the image differs from the template (more than "
                     f"max_fraction {limit:.0%}): registration failed or another board", changed)
@@ -251,9 +268,15 @@ def plan(test: np.ndarray, template: np.ndarray, settings: dict) -> Plan:
 
 
 def cut(tiles: list[Tile], window) -> dict[tuple[int, int], tuple[list[Tile], np.ndarray]]:
-    """{(h, w): (tiles, (N, C, h, w) batch)}: one batch per tile size, ``window(tile)`` the (C, h, w) model
-    input of a tile (only the tiles' pixels are prepared, not the whole image)."""
+    """{(h, w): (tiles, (N, C, h, w) batch)}: one batch per tile size, ``window(tile, out)`` writing a tile's
+    model input into ``out`` (its (C, h, w) place in the batch; only the tiles' pixels are prepared)."""
     groups: dict[tuple[int, int], list[Tile]] = {}
     for t in tiles:
         groups.setdefault((t.y1 - t.y0, t.x1 - t.x0), []).append(t)
-    return {size: (ts, np.stack([window(t) for t in ts])) for size, ts in groups.items()}
+    out = {}
+    for (h, w), ts in groups.items():
+        batch = np.empty((len(ts), 3, h, w), np.float32)
+        for t, x in zip(ts, batch):
+            window(t, x)
+        out[h, w] = ts, batch
+    return out

@@ -23,7 +23,7 @@ from . import gate as _gate
 from . import int8, machine
 from .contract import (CONTRACT_FORMAT, CONTRACT_KEY, INPUT, NMS_IOU, OUTPUTS, PROVIDER_OPTIONS, PROVIDERS,
                        TOP_K, registered_version)
-from .preprocess import PAD_VALUES, pad_to, register_template
+from .preprocess import PAD_VALUES, register_template
 from .preprocess import prepare_input as _prepare
 from .preprocess import read_grey as _read_grey
 from .preprocess import read_pair as _read_pair
@@ -66,12 +66,17 @@ def prepare_input(test: np.ndarray, template: np.ndarray | None, contract: dict,
     return _prepare(test, template, bool(contract["needs_template"]), pad_multiple or contract["pad_multiple"])
 
 
-def tile_input(test: np.ndarray, template: np.ndarray, tile: _gate.Tile, contract: dict) -> np.ndarray:
+def tile_input(test: np.ndarray, template: np.ndarray, tile: _gate.Tile, contract: dict,
+               out: np.ndarray | None = None) -> np.ndarray:
     """(C, h, w) model input of one gate tile: the values of that window of ``prepare_input``'s whole padded
-    input, computed from the tile's pixels only."""
+    input, computed from the tile's pixels only (into ``out``, one image of a batch, when given)."""
+    if tuple(contract["pad_values"]) != PAD_VALUES[: len(contract["pad_values"])]:
+        raise EdgeError(f"model contract pads with {contract['pad_values']}; this app pads with {list(PAD_VALUES)}")
     h, w = test.shape
     inside = np.s_[tile.y0:min(tile.y1, h), tile.x0:min(tile.x1, w)]
-    return pad_to(prepare_input(test[inside], template[inside], contract, 1), tile.y1 - tile.y0, tile.x1 - tile.x0)
+    if out is None:
+        out = np.empty((3, tile.y1 - tile.y0, tile.x1 - tile.x0), np.float32)
+    return _prepare(test[inside], template[inside], True, 1, out)
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float) -> np.ndarray:
@@ -111,6 +116,22 @@ def _max_pool3(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def candidates(heatmap: np.ndarray, boxes: np.ndarray, score_threshold: float,
+               top_k: int = TOP_K) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Raw outputs (B, K, h, w) logits and (B, 4, h, w) boxes -> per image (boxes (N, 4), scores (N,), labels
+    (N,)) of its ``top_k`` best 3x3 local maxima above the threshold, in decreasing score: ``decode`` before NMS."""
+    heat = _sigmoid(heatmap)
+    peak = (_max_pool3(heat) == heat) & (heat > np.float32(score_threshold))
+    out = []
+    for i in range(len(heat)):
+        kk, yy, xx = np.nonzero(peak[i])  # in flat (class, y, x) order
+        score = heat[i, kk, yy, xx]
+        top = np.argsort(-score, kind="stable")[:top_k]
+        kk, yy, xx = kk[top], yy[top], xx[top]
+        out.append((boxes[i][:, yy, xx].T.astype(np.float32).reshape(-1, 4), score[top], kk))
+    return out
+
+
 def decode(heatmap: np.ndarray, boxes: np.ndarray, score_threshold: float, top_k: int = TOP_K,
            nms_iou: float = NMS_IOU) -> list[dict[str, np.ndarray]]:
     """Raw outputs (B, K, h, w) logits and (B, 4, h, w) boxes -> per image {boxes, scores, labels}.
@@ -119,16 +140,8 @@ def decode(heatmap: np.ndarray, boxes: np.ndarray, score_threshold: float, top_k
     Only peaks above the threshold are sorted, and NMS compares all pairs at once: ~2 ms for a
     640x640 image's maps.
     """
-    b, k, h, w = heatmap.shape
-    heat = _sigmoid(heatmap)
-    peak = (_max_pool3(heat) == heat) & (heat > np.float32(score_threshold))
     out = []
-    for i in range(b):
-        kk, yy, xx = np.nonzero(peak[i])  # in flat (class, y, x) order
-        score = heat[i, kk, yy, xx]
-        top = np.argsort(-score, kind="stable")[:top_k]
-        kk, yy, xx, sc = kk[top], yy[top], xx[top], score[top]
-        bx = boxes[i][:, yy, xx].T.astype(np.float32).reshape(-1, 4)
+    for bx, sc, kk in candidates(heatmap, boxes, score_threshold, top_k):
         kept = _nms(bx, sc, kk, nms_iou)
         out.append({"boxes": bx[kept], "scores": sc[kept], "labels": kk[kept].astype(np.int64)})
     return out
@@ -187,6 +200,7 @@ class EdgeModel:
         path = Path(path)
         if not path.is_file():
             raise EdgeError(f"{path}: model file not found")
+        self.options = {"threads": threads, "provider": provider, "spin": spin, "gate": gate}  # how to load it again
         if PROVIDERS.get(provider) not in ort.get_available_providers():
             have = [k for k, v in PROVIDERS.items() if v in ort.get_available_providers()]
             raise EdgeError(f"execution provider {provider!r} is not available in this onnxruntime (available: "
@@ -219,6 +233,10 @@ class EdgeModel:
         self.gate = _gate.settings(self.contract, gate)
         if not self.needs_template:
             self.gate["mode"] = "none"
+
+    def worker_spec(self, threads: int) -> tuple:
+        """How a worker process loads this model again (``inspector``): class, arguments, keyword arguments."""
+        return type(self), (self.path,), self.options | {"threads": threads}
 
     def cpu_verdict(self, cpu: machine.Cpu | None = None) -> tuple[str, str]:
         """Does this model compute on ``cpu`` (default: this one) what its accuracy gate measured?
@@ -306,19 +324,24 @@ class EdgeModel:
 
     def _run_tiles(self, test: np.ndarray, template: np.ndarray, tiles: list,
                    thr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The network on ``tiles`` of the registered pair (one run per tile size), boxes moved to image
-        px, each tile's kept where centred on a region it owns (``gate.Tile.owned``: a defect its border
-        cuts is another tile's), merged across tiles by the decoding's per-class NMS, top-k."""
+        """The network on ``tiles`` of the registered pair (one run per tile size), each tile's peaks (its
+        top-k 3x3 local maxima above ``thr``) moved to image px and kept where centred on a region the
+        tile owns (``gate.Tile.owned``: a defect its border cuts is another tile's), then one per-class NMS
+        over all tiles and the top-k, as the dense decoding does over the whole image."""
+        d = self.contract["decode"]
         boxes, scores, labels = [np.zeros((0, 4), np.float32)], [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
-        for group, batch in _gate.cut(tiles, lambda t: tile_input(test, template, t, self.contract)).values():
-            for t, (b, s, c) in zip(group, self._run(batch, thr)):
+        for group, batch in _gate.cut(tiles, lambda t, out: tile_input(test, template, t, self.contract, out)).values():
+            if self.end_to_end:  # the graph decodes each tile with its NMS
+                found = self._run(batch, thr)
+            else:
+                found = candidates(*self.session.run(OUTPUTS, {self.input_name: batch}), thr, d["top_k"])
+            for t, (b, s, c) in zip(group, found):
                 b = b.reshape(-1, 4) + np.float32([t.x0, t.y0, t.x0, t.y0])
                 own = t.owned(b, _gate.OWN_SLACK_PX)
                 boxes.append(b[own])
                 scores.append(s[own])
                 labels.append(c[own])
         b, s, c = np.concatenate(boxes).astype(np.float32), np.concatenate(scores), np.concatenate(labels).astype(np.int64)
-        d = self.contract["decode"]
         kept = _nms(b, s, c, d["nms_iou"])[: d["top_k"]]
         return b[kept], s[kept], c[kept]
 
