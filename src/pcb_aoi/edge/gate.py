@@ -17,9 +17,9 @@ where the pair differs and runs the network on tiles around those places only:
    than that differs from the dense one; measured by ``benchmarks/gate.py``) and snapped outward
    to the contract's ``tile_multiple`` (the network's total downsampling, 16; older contracts: the
    pad multiple), so a tile's feature grid lines up with the dense image's: it differs from the dense
-   pass only by the context cut off at its border (the receptive field of the dilated blocks at /16
-   reaches ~300 px, so no tile reproduces dense exactly; ``margin_px`` is the context accuracy needs,
-   chosen on validation). Two tiles are merged into their (snapped) union only when the union
+   pass only by the context cut off at its border (blocks at /16 dilated 1, 2, 4 reach ~300 px, so no
+   tile reproduces dense; undilated, ``train.model.dilated=false``, a cell 96 px inside a tile does to
+   0.05 logit; ``margin_px`` is the context accuracy needs, chosen on validation). Two tiles are merged into their (snapped) union only when the union
    costs no more pixels than the two apart: tiles that overlap a little stay apart and their overlap
    is computed twice, which is cheaper than the corners a union adds. When the tiles cover more than
    ``max_fraction`` of the (padded) image, the changed regions are too many (``MAX_REGIONS``), or

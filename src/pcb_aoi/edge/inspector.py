@@ -210,8 +210,8 @@ class Inspector:
         return path
 
     def load(self, image: Path) -> tuple[float, object, object, object]:
-        """(start time, test, registered template, gate plan) of ``image``; runs in the reader thread, raises
-        EdgeError. The plan (``EdgeModel.plan``: where the network runs, None for dense) is made here too, so
+        """(start time, test, registered template, gate plan) of ``image``; runs in the reader thread (or a
+        worker process), raises EdgeError. The plan (``EdgeModel.plan``: where the network runs, None for dense) is made here too, so
         the difference and tiling of the next pair overlap the network's run on this one.
 
         A template used again (``--template``: one for the whole run) is decoded once; a new one is decoded
@@ -232,7 +232,7 @@ class Inspector:
         """One record per image, in order (``workers``: in this process with a reader thread, or in worker processes).
 
         ``on_start(image)`` runs just before an image starts to be read (folder mode: ``Journal.start``); with
-        worker processes up to 2 x ``workers`` images are in flight. Closing the iterator early drops the
+        worker processes up to 3 x ``workers`` images are in flight. Closing the iterator early drops the
         images not yet returned (those being inspected finish first)."""
         emit = self._log_lines
         if self.workers > 1:
@@ -262,8 +262,8 @@ class Inspector:
             self._pool = _Workers(self.workers, self, self.model, threads)
         pool, flight = self._pool, deque()  # entries [image, answer] in the images' order
 
-        def ready(block: bool):
-            pool.collect(None if block and flight[0][1] is None else 0)
+        def ready(block: bool):  # the answers in; with ``block``, at least the oldest image's
+            pool.collect(0)
             while block and flight[0][1] is None:
                 pool.collect(None)
             while flight and flight[0][1] is not None:

@@ -58,25 +58,24 @@ def read_pair(test_path: str | Path, template_path: str | Path | None) -> tuple[
     return _read_pair(test_path, template_path, read_grey)
 
 
-def prepare_input(test: np.ndarray, template: np.ndarray | None, contract: dict, pad_multiple: int | None = None) -> np.ndarray:
-    """(H, W) uint8 test (and template) -> (C, H', W') float32, H' W' multiples of ``pad_multiple`` (default:
-    the contract's)."""
+def prepare_input(test: np.ndarray, template: np.ndarray | None, contract: dict,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) uint8 test (and template) -> (C, H', W') float32, H' W' multiples of the contract's ``pad_multiple``
+    (or into ``out``, padded to its size)."""
     if tuple(contract["pad_values"]) != PAD_VALUES[: len(contract["pad_values"])]:
         raise EdgeError(f"model contract pads with {contract['pad_values']}; this app pads with {list(PAD_VALUES)}")
-    return _prepare(test, template, bool(contract["needs_template"]), pad_multiple or contract["pad_multiple"])
+    return _prepare(test, template, bool(contract["needs_template"]), contract["pad_multiple"], out)
 
 
 def tile_input(test: np.ndarray, template: np.ndarray, tile: _gate.Tile, contract: dict,
                out: np.ndarray | None = None) -> np.ndarray:
     """(C, h, w) model input of one gate tile: the values of that window of ``prepare_input``'s whole padded
     input, computed from the tile's pixels only (into ``out``, one image of a batch, when given)."""
-    if tuple(contract["pad_values"]) != PAD_VALUES[: len(contract["pad_values"])]:
-        raise EdgeError(f"model contract pads with {contract['pad_values']}; this app pads with {list(PAD_VALUES)}")
     h, w = test.shape
     inside = np.s_[tile.y0:min(tile.y1, h), tile.x0:min(tile.x1, w)]
     if out is None:
         out = np.empty((3, tile.y1 - tile.y0, tile.x1 - tile.x0), np.float32)
-    return _prepare(test[inside], template[inside], True, 1, out)
+    return prepare_input(test[inside], template[inside], contract, out)
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float) -> np.ndarray:
